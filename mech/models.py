@@ -184,6 +184,27 @@ class LoadedModel:
             self.tokenizer(self.format_chat(p, system), add_special_tokens=False)["input_ids"] for p in prompts
         ]
 
+    def batch(self, prompts: list[str] | tuple[str, ...], system: str | None = None) -> dict[str, torch.Tensor]:
+        """Chat-format and left-pad ``prompts``: ``input_ids``, ``attention_mask`` and ``position_ids``.
+
+        Position ids count real tokens only, so a padded row computes exactly what it would alone.
+        """
+        return pad_left(self.encode_chat(prompts, system), self.tokenizer.pad_token_id, self.input_device)
+
+
+def pad_left(seqs: list[list[int]], pad_id: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Left-pad token id lists into ``input_ids``, ``attention_mask`` and ``position_ids`` tensors."""
+    if not seqs or any(len(s) == 0 for s in seqs):
+        raise ValueError("pad_left needs at least one non-empty sequence")
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, n - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, n - len(s):] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": pos.to(device)}
+
 
 def format_chat(tokenizer: Any, prompt: str, system: str | None = None, model_name: str = "model") -> str:
     if not getattr(tokenizer, "chat_template", None):
