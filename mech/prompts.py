@@ -1,0 +1,573 @@
+"""Prompt sets: load, validate, subset, pair and split contrastive harmful/harmless prompts.
+
+A prompt file is either
+
+* JSON: ``{"schema": "mech.prompts/v1", "name": ..., "description": ..., "prompts": [row, ...]}``
+  or a bare list of rows, where a row is an object with the keys ``prompt``, ``label``
+  (``harmful`` | ``harmless``), ``category`` and optionally ``pair_id`` and ``id``; or
+* CSV with a header naming the columns ``prompt,label,category[,pair_id][,id]`` (any order; extra
+  columns are ignored).
+
+Rows without an ``id`` get ``row-<n>`` (``n`` the 1-based data row). A ``pair_id`` joins exactly one
+harmful and one harmless row (a matched contrastive pair); a pair_id with a single row is allowed
+and simply not returned by :meth:`PromptSet.pairs`.
+
+Every validation problem raises :class:`PromptFileError` whose message is one line:
+``"<path>: row <n>: <what is wrong>; <how to fix>"`` (``row <n>`` is omitted for problems of the
+file as a whole). The loader never writes to disk.
+
+The shipped sets live in :data:`DATA_DIR` (``<repo>/data``, or the directory named by the
+environment variable ``MECH_DATA_DIR``).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "DATA_DIR",
+    "LABELS",
+    "MARKERS_SCHEMA",
+    "PROMPTS_SCHEMA",
+    "Prompt",
+    "PromptFileError",
+    "PromptSet",
+    "benign_alarming",
+    "default_pairs",
+    "load_prompts",
+    "refusal_markers",
+]
+
+PROMPTS_SCHEMA = "mech.prompts/v1"
+MARKERS_SCHEMA = "mech.markers/v1"
+LABELS: tuple[str, ...] = ("harmful", "harmless")
+_REQUIRED = ("prompt", "label", "category")
+_OPTIONAL = ("pair_id", "id")
+
+
+def _default_data_dir() -> Path:
+    env = os.environ.get("MECH_DATA_DIR")
+    if env:
+        return Path(env).expanduser()
+    return Path(__file__).resolve().parent.parent / "data"
+
+
+DATA_DIR: Path = _default_data_dir()
+"""Directory of the shipped data files: ``<repo>/data``, or ``$MECH_DATA_DIR`` when set."""
+
+
+def _data_dir() -> Path:
+    """The data directory now: ``$MECH_DATA_DIR`` if set at call time, else :data:`DATA_DIR`."""
+    env = os.environ.get("MECH_DATA_DIR")
+    return Path(env).expanduser() if env else DATA_DIR
+
+
+# --------------------------------------------------------------------------------------------- errors
+
+
+class PromptFileError(ValueError):
+    """A prompt (or marker) file is missing or malformed.
+
+    ``str(err)`` is a single line ``"<path>: row <n>: <what is wrong>; <how to fix>"``.
+    The attributes ``path`` and ``row`` (``None`` for whole-file problems) are set when raised by
+    this module.
+    """
+
+    def __init__(self, message: str, *, path: str | Path | None = None, row: int | None = None) -> None:
+        super().__init__(message)
+        self.path = None if path is None else str(path)
+        self.row = row
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _snippet(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _error(
+    path: str | Path, what: str, fix: str, row: int | None = None, where: str | None = None
+) -> PromptFileError:
+    """Build a one-line :class:`PromptFileError` for ``path`` (and ``row`` when given)."""
+    location = f"row {row}: " if row is not None else (f"{where}: " if where else "")
+    message = _one_line(f"{path}: {location}{what}; {fix}")
+    return PromptFileError(message, path=path, row=row)
+
+
+# --------------------------------------------------------------------------------------------- data types
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt row.
+
+    Attributes:
+        id: unique, stable id within its set (e.g. ``"cybercrime-003-harmful"``).
+        prompt: the user message text.
+        label: ``"harmful"`` or ``"harmless"``.
+        category: topic of the request (e.g. ``"cybercrime"``); used in test ids and ``-k`` selection.
+        pair_id: id shared by the two members of a matched harmful/harmless pair, else ``None``.
+    """
+
+    id: str
+    prompt: str
+    label: str
+    category: str
+    pair_id: str | None = None
+
+    def to_dict(self) -> dict[str, str | None]:
+        """The row as a plain dict with the keys ``id, prompt, label, category, pair_id``."""
+        return {
+            "id": self.id,
+            "prompt": self.prompt,
+            "label": self.label,
+            "category": self.category,
+            "pair_id": self.pair_id,
+        }
+
+
+def _rank(seed: int, key: str) -> str:
+    """A deterministic pseudo-random sort key (stable across Python versions and processes)."""
+    return hashlib.sha256(f"{seed}\x00{key}".encode()).hexdigest()
+
+
+def _allocate(n: int, fractions: Sequence[float]) -> list[int]:
+    """Split ``n`` items into ``len(fractions)`` counts by the largest-remainder method.
+
+    The first part gets at least one item whenever ``n >= 1`` and ``fractions[0] > 0``.
+    """
+    exact = [n * f for f in fractions]
+    counts = [math.floor(x + 1e-9) for x in exact]
+    order = sorted(range(len(fractions)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in order[: n - sum(counts)]:
+        counts[i] += 1
+    if n >= 1 and fractions[0] > 0 and counts[0] == 0:
+        donor = max(range(1, len(counts)), key=lambda i: (counts[i], -i))
+        counts[donor] -= 1
+        counts[0] += 1
+    return counts
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """An immutable, ordered collection of :class:`Prompt` rows.
+
+    Attributes:
+        name: a short name (the file's ``name`` or stem; subsets append a ``[...]`` suffix).
+        prompts: the rows, in file order.
+        source: where the rows came from (a file path, or a description for subsets).
+    """
+
+    name: str
+    prompts: tuple[Prompt, ...]
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompts, tuple):
+            object.__setattr__(self, "prompts", tuple(self.prompts))
+
+    # -- container protocol
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __iter__(self) -> Iterator[Prompt]:
+        return iter(self.prompts)
+
+    # -- subsets
+
+    def _subset(self, suffix: str, prompts: Sequence[Prompt]) -> PromptSet:
+        return PromptSet(name=f"{self.name}[{suffix}]", prompts=tuple(prompts), source=self.source)
+
+    def harmful(self) -> PromptSet:
+        """The rows labelled ``harmful``, in order."""
+        return self._subset("harmful", [p for p in self.prompts if p.label == "harmful"])
+
+    def harmless(self) -> PromptSet:
+        """The rows labelled ``harmless``, in order."""
+        return self._subset("harmless", [p for p in self.prompts if p.label == "harmless"])
+
+    def categories(self) -> list[str]:
+        """Sorted unique category names."""
+        return sorted({p.category for p in self.prompts})
+
+    def by_category(self, category: str) -> PromptSet:
+        """The rows of one category, in order.
+
+        Raises:
+            ValueError: (one line) if no row has that category; the message lists the known ones.
+        """
+        rows = [p for p in self.prompts if p.category == category]
+        if not rows:
+            known = ", ".join(self.categories()) or "(none)"
+            raise ValueError(
+                f"unknown category {category!r} in prompt set {self.name!r}; known categories: {known}"
+            )
+        return self._subset(f"category={category}", rows)
+
+    def pairs(self) -> list[tuple[Prompt, Prompt]]:
+        """Matched ``(harmful, harmless)`` pairs joined by ``pair_id``, sorted by ``pair_id``.
+
+        Rows without a pair_id and pair_ids with only one member are left out.
+        """
+        groups: dict[str, dict[str, Prompt]] = {}
+        for p in self.prompts:
+            if p.pair_id is not None:
+                groups.setdefault(p.pair_id, {})[p.label] = p
+        return [
+            (members["harmful"], members["harmless"])
+            for pid, members in sorted(groups.items())
+            if "harmful" in members and "harmless" in members
+        ]
+
+    def texts(self) -> list[str]:
+        """The prompt strings, in order."""
+        return [p.prompt for p in self.prompts]
+
+    def content_hash(self) -> str:
+        """SHA-256 hex digest of the canonical JSON of the rows (order, ids, text, labels, categories, pairs).
+
+        Independent of ``name`` and ``source``: the same rows loaded from JSON or CSV hash the same.
+        """
+        payload = json.dumps(
+            [p.to_dict() for p in self.prompts], sort_keys=True, ensure_ascii=False, separators=(",", ":")
+        )
+        return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+    def split(self, fractions: Sequence[float] = (0.6, 0.2, 0.2), seed: int = 0) -> tuple[PromptSet, ...]:
+        """Split into ``len(fractions)`` disjoint sets, by pair and stratified by category.
+
+        Both members of a pair always land in the same part; a row without a pair_id is its own
+        unit. Units are grouped by category (a pair's category is that of its harmful member), and
+        each category's units are ordered by a seeded hash of their key and cut by the
+        largest-remainder method, so every category with at least one unit appears in the first
+        part (when ``fractions[0] > 0``). The result depends only on the rows and ``seed``; each
+        part keeps the original row order.
+
+        Raises:
+            ValueError: if ``fractions`` is empty, has a negative entry, or does not sum to 1.
+        """
+        fracs = [float(f) for f in fractions]
+        if not fracs or any(f < 0 or math.isnan(f) for f in fracs) or abs(sum(fracs) - 1.0) > 1e-6:
+            raise ValueError(f"split fractions must be non-negative and sum to 1, got {tuple(fractions)!r}")
+        units: dict[str, list[Prompt]] = {}
+        for p in self.prompts:
+            key = f"pair:{p.pair_id}" if p.pair_id is not None else f"id:{p.id}"
+            units.setdefault(key, []).append(p)
+        by_cat: dict[str, list[str]] = {}
+        for key, members in units.items():
+            lead = next((m for m in members if m.label == "harmful"), members[0])
+            by_cat.setdefault(lead.category, []).append(key)
+        part_of: dict[str, int] = {}
+        for category in sorted(by_cat):
+            keys = sorted(by_cat[category], key=lambda k: (_rank(seed, k), k))
+            start = 0
+            for part, count in enumerate(_allocate(len(keys), fracs)):
+                for key in keys[start : start + count]:
+                    part_of[key] = part
+                start += count
+        parts: list[list[Prompt]] = [[] for _ in fracs]
+        for p in self.prompts:
+            key = f"pair:{p.pair_id}" if p.pair_id is not None else f"id:{p.id}"
+            parts[part_of[key]].append(p)
+        k = len(fracs)
+        return tuple(self._subset(f"split {i + 1}/{k} seed={seed}", rows) for i, rows in enumerate(parts))
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def _read_text(path: Path) -> str:
+    if not path.exists():
+        raise _error(path, "file not found", "pass the path of an existing .json or .csv prompt file")
+    if not path.is_file():
+        raise _error(path, "not a regular file", "pass the path of a .json or .csv prompt file")
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise _error(
+            path, f"not valid UTF-8 text (byte offset {exc.start})", "save the file as UTF-8"
+        ) from exc
+    except OSError as exc:
+        raise _error(
+            path, f"cannot read the file ({exc.strerror or exc})", "check the path and permissions"
+        ) from exc
+
+
+def _json_rows(path: Path, text: str) -> tuple[str | None, list[Any]]:
+    """Parse a JSON prompt file; return (name from the file or None, raw rows)."""
+    if not text.strip():
+        raise _error(
+            path, "empty file", f'write a JSON object {{"schema": "{PROMPTS_SCHEMA}", "prompts": [...]}}'
+        )
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _error(
+            path,
+            f"not valid JSON: {exc.msg}",
+            "fix the JSON syntax there",
+            where=f"line {exc.lineno} column {exc.colno}",
+        ) from exc
+    if isinstance(data, list):
+        return None, data
+    if not isinstance(data, dict):
+        raise _error(
+            path,
+            f"top-level JSON value is a {type(data).__name__}",
+            f'use an object {{"schema": "{PROMPTS_SCHEMA}", "prompts": [...]}} or a list of rows',
+        )
+    schema = data.get("schema")
+    if schema != PROMPTS_SCHEMA:
+        what = "missing key 'schema'" if "schema" not in data else f"wrong schema {_snippet(schema)}"
+        raise _error(path, what, f'set "schema": "{PROMPTS_SCHEMA}"')
+    if "prompts" not in data:
+        raise _error(path, "missing key 'prompts'", 'add a "prompts" list of rows')
+    rows = data["prompts"]
+    if not isinstance(rows, list):
+        raise _error(
+            path, f"'prompts' is a {type(rows).__name__}, not a list", 'make "prompts" a list of row objects'
+        )
+    name = data.get("name")
+    return (name if isinstance(name, str) and name.strip() else None), rows
+
+
+def _csv_rows(path: Path, text: str) -> list[dict[str, Any]]:
+    """Parse a CSV prompt file into dicts keyed by the lowercased header names."""
+    if not text.strip():
+        raise _error(
+            path, "empty file", "write a header line 'prompt,label,category,pair_id' and one row per prompt"
+        )
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    try:
+        header = next(reader)
+    except csv.Error as exc:
+        raise _error(
+            path, f"not valid CSV: {exc}", "fix the quoting there", where=f"line {reader.line_num}"
+        ) from exc
+    columns = [h.strip().lower() for h in header]
+    missing = [c for c in _REQUIRED if c not in columns]
+    if missing:
+        raise _error(
+            path,
+            f"missing required column(s) {', '.join(missing)} (header has {', '.join(map(repr, columns))})",
+            "the header must name prompt,label,category and optionally pair_id,id",
+            where="header",
+        )
+    rows: list[dict[str, Any]] = []
+    n = 0
+    while True:
+        try:
+            record = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            raise _error(
+                path,
+                f"not valid CSV at line {reader.line_num}: {exc}",
+                "fix the quoting on that line",
+                row=n + 1,
+            ) from exc
+        if not record:  # blank line
+            continue
+        n += 1
+        if len(record) > len(columns):
+            raise _error(
+                path,
+                f"{len(record)} fields but the header has {len(columns)} (line {reader.line_num})",
+                "quote fields that contain commas",
+                row=n,
+            )
+        values = {col: (record[i] if i < len(record) else None) for i, col in enumerate(columns)}
+        rows.append(values)
+    return rows
+
+
+def _row_string(path: Path, row: dict[str, Any], key: str, n: int, *, required: bool) -> str | None:
+    value = row.get(key)
+    if value is None:
+        if required:
+            raise _error(
+                path,
+                f"missing required field '{key}'",
+                f"give every row a value for {', '.join(_REQUIRED)}",
+                row=n,
+            )
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise _error(
+            path, f"'{key}' is a {type(value).__name__}: {_snippet(value)}", f"make '{key}' a string", row=n
+        )
+    if isinstance(value, int) and key not in _OPTIONAL:
+        raise _error(path, f"'{key}' is a number: {value}", f"make '{key}' a string", row=n)
+    return str(value)
+
+
+def _build(path: Path, name: str, raw_rows: list[Any]) -> PromptSet:
+    if not raw_rows:
+        raise _error(path, "no prompts in the file", "add at least one row with prompt,label,category")
+    prompts: list[Prompt] = []
+    seen_ids: dict[str, int] = {}
+    pair_rows: dict[str, list[tuple[int, str]]] = {}
+    for n, row in enumerate(raw_rows, start=1):
+        if not isinstance(row, dict):
+            raise _error(
+                path,
+                f"row is a {type(row).__name__}, not an object",
+                'write each row as {"prompt": ..., "label": ..., "category": ...}',
+                row=n,
+            )
+        text = _row_string(path, row, "prompt", n, required=True)
+        if not text or not text.strip():
+            raise _error(path, "empty prompt", "write the prompt text or delete the row", row=n)
+        label = (_row_string(path, row, "label", n, required=True) or "").strip().lower()
+        if label not in LABELS:
+            raise _error(
+                path,
+                f"label {_snippet(row.get('label'))} is not allowed",
+                f"use one of: {', '.join(LABELS)}",
+                row=n,
+            )
+        category = (_row_string(path, row, "category", n, required=True) or "").strip()
+        if not category:
+            raise _error(path, "empty category", "give the row a category such as 'cybercrime'", row=n)
+        pair_id = (_row_string(path, row, "pair_id", n, required=False) or "").strip() or None
+        pid = (_row_string(path, row, "id", n, required=False) or "").strip() or f"row-{n}"
+        if pid in seen_ids:
+            raise _error(
+                path,
+                f"duplicate id {_snippet(pid)} (first used in row {seen_ids[pid]})",
+                "give every row a unique id, or omit ids to get row-<n>",
+                row=n,
+            )
+        seen_ids[pid] = n
+        if pair_id is not None:
+            members = pair_rows.setdefault(pair_id, [])
+            if len(members) >= 2:
+                raise _error(
+                    path,
+                    f"pair_id {_snippet(pair_id)} has more than two rows (also rows {members[0][0]} and {members[1][0]})",
+                    "a pair is exactly one harmful and one harmless row; use a new pair_id",
+                    row=n,
+                )
+            for other_row, other_label in members:
+                if other_label == label:
+                    raise _error(
+                        path,
+                        f"pair_id {_snippet(pair_id)} has two {label} rows (also row {other_row})",
+                        "a pair is one harmful and one harmless row; fix the label or the pair_id",
+                        row=n,
+                    )
+            members.append((n, label))
+        prompts.append(Prompt(id=pid, prompt=text, label=label, category=category, pair_id=pair_id))
+    return PromptSet(name=name, prompts=tuple(prompts), source=str(path))
+
+
+def load_prompts(path: str | Path) -> PromptSet:
+    """Load and validate a prompt set from a ``.json`` or ``.csv`` file.
+
+    Args:
+        path: the file. JSON: the ``mech.prompts/v1`` object or a bare list of rows. CSV: a header
+            with ``prompt,label,category`` and optionally ``pair_id``, ``id``.
+
+    Returns:
+        The :class:`PromptSet`, rows in file order; ``name`` is the file's ``name`` (JSON) or its stem.
+
+    Raises:
+        PromptFileError: one line naming the file (and the 1-based data row) and the fix.
+    """
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix not in (".json", ".csv"):
+        raise _error(
+            p, f"unsupported file type {suffix or '(no extension)'!r}", "use a .json or .csv prompt file"
+        )
+    text = _read_text(p)
+    if suffix == ".json":
+        name, raw_rows = _json_rows(p, text)
+    else:
+        name, raw_rows = None, _csv_rows(p, text)
+    return _build(p, name or p.stem, raw_rows)
+
+
+def default_pairs() -> PromptSet:
+    """The shipped matched harmful/harmless pairs (``data/refusal_pairs.json``)."""
+    return load_prompts(_data_dir() / "refusal_pairs.json")
+
+
+def benign_alarming() -> PromptSet:
+    """The shipped harmless prompts with alarming words (``data/benign_alarming.json``), for over-refusal."""
+    return load_prompts(_data_dir() / "benign_alarming.json")
+
+
+def refusal_markers(path: str | Path | None = None) -> tuple[str, ...]:
+    """The refusal substrings of the substring detector (``data/refusal_markers.json`` by default).
+
+    Markers are lowercase with straight quotes (responses are normalized the same way before
+    matching), non-empty, and unique.
+
+    Raises:
+        PromptFileError: one line naming the file (and the 1-based marker row) and the fix.
+    """
+    p = Path(path) if path is not None else _data_dir() / "refusal_markers.json"
+    text = _read_text(p)
+    if not text.strip():
+        raise _error(p, "empty file", f'write {{"schema": "{MARKERS_SCHEMA}", "markers": [...]}}')
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _error(
+            p,
+            f"not valid JSON: {exc.msg}",
+            "fix the JSON syntax there",
+            where=f"line {exc.lineno} column {exc.colno}",
+        ) from exc
+    if not isinstance(data, dict) or data.get("schema") != MARKERS_SCHEMA:
+        got = _snippet(data.get("schema")) if isinstance(data, dict) else f"a {type(data).__name__}"
+        raise _error(p, f"wrong schema {got}", f'use an object with "schema": "{MARKERS_SCHEMA}"')
+    markers = data.get("markers")
+    if not isinstance(markers, list) or not markers:
+        raise _error(
+            p, "'markers' is missing, empty or not a list", "give a non-empty list of refusal substrings"
+        )
+    seen: dict[str, int] = {}
+    for n, marker in enumerate(markers, start=1):
+        if not isinstance(marker, str) or not marker.strip():
+            raise _error(
+                p, f"marker {_snippet(marker)} is not a non-empty string", "remove it or fix it", row=n
+            )
+        normalized = (
+            marker.lower()
+            .replace("\u2018", "'")
+            .replace("\u2019", "'")
+            .replace("\u201c", '"')
+            .replace("\u201d", '"')
+        )
+        if marker != normalized:
+            raise _error(
+                p,
+                f"marker {_snippet(marker)} is not normalized",
+                f"write it as {_snippet(normalized)} (lowercase, straight quotes)",
+                row=n,
+            )
+        if marker in seen:
+            raise _error(
+                p,
+                f"duplicate marker {_snippet(marker)} (first in row {seen[marker]})",
+                "remove the duplicate",
+                row=n,
+            )
+        seen[marker] = n
+    return tuple(markers)

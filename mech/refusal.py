@@ -1,0 +1,206 @@
+"""Measuring refusal: a substring detector, the logit refusal score, and a pluggable judge interface.
+
+* :class:`SubstringDetector` — normalized (case, curly quotes, whitespace) marker matching on the response
+  only; the markers live in ``data/refusal_markers.json``.
+* :func:`refusal_log_odds` / :func:`refusal_scores` — log-odds that the first response token starts a
+  refusal, at the last prompt position (Arditi et al. 2024). The token set comes from
+  :func:`derive_refusal_tokens`, which reads the model's own refusals instead of hard-coding a tokenizer.
+* :class:`Judge` — the protocol a classifier model implements to replace or complement the detector.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+REPORT_CHARS = 200  # reports never show more of a completion to a harmful prompt
+_QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201b": "'", "\u2032": "'", "\u201c": '"', "\u201d": '"'})
+
+
+def normalize(text: str) -> str:
+    """Lower-case, straighten curly quotes, collapse whitespace."""
+    return " ".join(text.translate(_QUOTES).lower().split())
+
+
+def clip(text: str, limit: int = REPORT_CHARS) -> str:
+    """At most ``limit`` characters of a completion, for reports."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+@runtime_checkable
+class Judge(Protocol):
+    """Anything that labels (prompt, response) pairs as refusals: the substring detector or a classifier model."""
+
+    name: str
+
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> list[bool]: ...
+
+
+@dataclass(frozen=True)
+class SubstringDetector:
+    """Refusal if the normalized response contains any normalized marker."""
+
+    markers: tuple[str, ...] = field(default_factory=tuple)
+    name: str = "substring"
+
+    def __post_init__(self) -> None:
+        if not self.markers:
+            from mech.prompts import refusal_markers
+
+            object.__setattr__(self, "markers", tuple(refusal_markers()))
+        object.__setattr__(self, "markers", tuple(normalize(m) for m in self.markers))
+
+    def is_refusal(self, response: str) -> bool:
+        text = normalize(response)
+        return any(m in text for m in self.markers)
+
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> list[bool]:
+        return [self.is_refusal(r) for r in responses]
+
+
+# --------------------------------------------------------------------------------------------- scores
+
+
+def refusal_log_odds(logits: Tensor, refusal_ids: Sequence[int] | Tensor) -> Tensor:
+    """Log-odds that the next token is in ``refusal_ids``: ``r - log(1 - exp(r))`` with ``r = log P(ids)``.
+
+    ``logits``: ``[..., d_vocab]`` at the position the metric reads; returns ``[...]`` in float32.
+    """
+    ids = torch.as_tensor(refusal_ids, device=logits.device, dtype=torch.long)
+    lp = logits.float().log_softmax(-1)
+    r = lp.index_select(-1, ids).logsumexp(-1)
+    r = r.clamp(max=-1e-7)  # keep log(1 - p) finite when p rounds to 1
+    return r - torch.log(-torch.expm1(r))
+
+
+@torch.inference_mode()
+def last_logits(lm: Any, prompts: Sequence[str], batch_size: int = 16, system: str | None = None) -> Tensor:
+    """Next-token logits at the last prompt position, ``[n, d_vocab]`` float32 on CPU (left-padded batches)."""
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        enc = lm.batch(list(prompts[i : i + batch_size]), system=system)
+        logits = lm.model(**enc, logits_to_keep=1, use_cache=False).logits[:, -1]
+        out.append(logits.float().cpu())
+    return torch.cat(out)
+
+
+def refusal_scores(
+    lm: Any, prompts: Sequence[str], refusal_ids: Sequence[int], batch_size: int = 16, system: str | None = None
+) -> Tensor:
+    """The logit refusal score of each prompt, ``[n]`` float32 (CPU)."""
+    return refusal_log_odds(last_logits(lm, prompts, batch_size, system), refusal_ids)
+
+
+# ----------------------------------------------------------------------------------------- generation
+
+
+@torch.inference_mode()
+def generate(
+    lm: Any,
+    prompts: Sequence[str],
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    system: str | None = None,
+    progress: bool = False,
+) -> list[str]:
+    """Greedy completions (left-padded batches); the text of the response only, special tokens dropped."""
+    texts: list[str] = []
+    tok = lm.tokenizer
+    steps = range(0, len(prompts), batch_size)
+    for i in tqdm(steps, desc="generate", disable=not progress, leave=False):
+        enc = lm.batch(list(prompts[i : i + batch_size]), system=system)
+        enc.pop("position_ids")  # generate derives them from the attention mask
+        out = lm.model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=tok.pad_token_id,
+        )
+        new = out[:, enc["input_ids"].shape[1] :]
+        texts.extend(tok.batch_decode(new, skip_special_tokens=True))
+    return texts
+
+
+@dataclass(frozen=True)
+class RefusalTokens:
+    """The first tokens of the model's own refusals, with how they were found."""
+
+    ids: tuple[int, ...]
+    tokens: tuple[str, ...]
+    counts: tuple[int, ...]
+    source: str  # "derived" from generations, or "fallback" when the model refused none of the probes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ids": list(self.ids), "tokens": list(self.tokens), "counts": list(self.counts), "source": self.source}
+
+
+FALLBACK_OPENINGS = ("I", "As")
+
+
+def derive_refusal_tokens(
+    lm: Any,
+    harmful_prompts: Sequence[str],
+    detector: SubstringDetector | None = None,
+    max_new_tokens: int = 24,
+    min_share: float = 0.05,
+    batch_size: int = 16,
+) -> RefusalTokens:
+    """Find the refusal token set from the model's actual refusals of ``harmful_prompts``.
+
+    Greedy-generates each prompt; among responses the detector calls refusals, counts the first response
+    token; keeps tokens that start at least ``min_share`` of the refusals. If the model refuses none, falls
+    back to the first tokens of the usual openings ("I", "As") in this tokenizer.
+    """
+    detector = detector or SubstringDetector()
+    tok = lm.tokenizer
+    firsts: Counter[int] = Counter()
+    for i in range(0, len(harmful_prompts), batch_size):
+        chunk = list(harmful_prompts[i : i + batch_size])
+        enc = lm.batch(chunk)
+        enc.pop("position_ids")
+        with torch.inference_mode():
+            out = lm.model.generate(
+                **enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
+                pad_token_id=tok.pad_token_id,
+            )
+        new = out[:, enc["input_ids"].shape[1] :]
+        for row, text in zip(new.tolist(), tok.batch_decode(new, skip_special_tokens=True), strict=True):
+            if row and detector.is_refusal(text):
+                firsts[row[0]] += 1
+    total = sum(firsts.values())
+    kept = [(t, c) for t, c in firsts.most_common() if total and c / total >= min_share]
+    if kept:
+        return RefusalTokens(
+            ids=tuple(t for t, _ in kept),
+            tokens=tuple(tok.convert_ids_to_tokens(t) for t, _ in kept),
+            counts=tuple(c for _, c in kept),
+            source="derived",
+        )
+    ids = []
+    for word in FALLBACK_OPENINGS:
+        enc = tok(word, add_special_tokens=False)["input_ids"]
+        if enc and enc[0] not in ids:
+            ids.append(enc[0])
+    return RefusalTokens(
+        ids=tuple(ids), tokens=tuple(tok.convert_ids_to_tokens(i) for i in ids), counts=(0,) * len(ids), source="fallback"
+    )
+
+
+def auroc(pos_scores: Sequence[float], neg_scores: Sequence[float]) -> float:
+    """AUROC from the Mann–Whitney U statistic (scipy): P(score of a positive > score of a negative)."""
+    from scipy.stats import mannwhitneyu
+
+    if len(pos_scores) == 0 or len(neg_scores) == 0:
+        return math.nan
+    u = mannwhitneyu(pos_scores, neg_scores, alternative="two-sided").statistic
+    return float(u) / (len(pos_scores) * len(neg_scores))
