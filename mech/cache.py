@@ -1,0 +1,118 @@
+"""Content-addressed disk cache of expensive results (sweeps, generations, baselines).
+
+A result is keyed by everything it depends on — the model's fingerprint, the data hash, the config and
+the library's code version — so a change to any of them computes afresh and nothing stale is reused.
+Writes are atomic (temp file + ``os.replace``): a killed run leaves either the whole entry or nothing,
+so a re-run resumes from the entries already finished. A per-key file lock lets pytest-xdist workers
+share one computation instead of repeating it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from filelock import FileLock
+
+T = TypeVar("T")
+_MECH_DIR = Path(__file__).resolve().parent
+
+
+def code_version() -> str:
+    """sha256 (16 hex) of the library's source files: any change to mech/ invalidates cached results."""
+    h = hashlib.sha256()
+    for p in sorted(_MECH_DIR.glob("*.py")):
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _canonical(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _canonical(v) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(obj, (list, tuple)):
+        return [_canonical(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    if isinstance(obj, Path):
+        return str(obj)
+    return repr(obj)
+
+
+def make_key(**parts: Any) -> str:
+    """A stable sha256 over the canonical JSON of ``parts`` (dict order does not matter)."""
+    blob = json.dumps(_canonical(parts), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class DiskCache:
+    """``get_or_compute(namespace, parts, fn)``: compute once per key, atomically stored under ``root``.
+
+    ``enabled=False`` (``--no-cache``) always computes and overwrites the stored entry.
+    ``fmt="json"`` for plain data, ``"torch"`` for tensors or dicts of tensors.
+    """
+
+    def __init__(self, root: str | Path, enabled: bool = True) -> None:
+        self.root = Path(root)
+        self.enabled = enabled
+        self.hits = 0
+        self.misses = 0
+
+    def path(self, namespace: str, key: str, fmt: str = "json") -> Path:
+        return self.root / namespace / f"{key[:32]}.{'json' if fmt == 'json' else 'pt'}"
+
+    def load(self, path: Path, fmt: str) -> Any:
+        if fmt == "json":
+            return json.loads(path.read_text())
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    def store(self, path: Path, value: Any, fmt: str) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                if fmt == "json":
+                    fh.write(json.dumps(value, indent=1, sort_keys=True, default=_json_default).encode())
+                else:
+                    torch.save(value, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def get_or_compute(self, namespace: str, parts: dict[str, Any], fn: Callable[[], T], fmt: str = "json") -> T:
+        key = make_key(namespace=namespace, code=code_version(), **parts)
+        path = self.path(namespace, key, fmt)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path) + ".lock"):
+            if self.enabled and path.exists():
+                try:
+                    value = self.load(path, fmt)
+                    self.hits += 1
+                    return value
+                except (OSError, ValueError, RuntimeError):
+                    path.unlink(missing_ok=True)  # unreadable entry: recompute it
+            self.misses += 1
+            value = fn()
+            self.store(path, value, fmt)
+            return value
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"cannot store {type(obj).__name__} as JSON; give it a to_dict() or use fmt='torch'")
