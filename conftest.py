@@ -1,0 +1,55 @@
+"""Root pytest configuration: the suite's options, markers and plugins.
+
+Options (each also read from an env var, the option winning): ``--model`` (MECH_MODEL), ``--device``
+(MECH_DEVICE), ``--dtype`` (MECH_DTYPE), ``--quantize`` (MECH_QUANTIZE), ``--prompts`` (MECH_PROMPTS),
+``--cache-dir`` (MECH_CACHE_DIR), ``--no-cache`` (MECH_NO_CACHE=1), ``--max-new-tokens``
+(MECH_MAX_NEW_TOKENS).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = ["fixtures.options", "fixtures.model", "fixtures.tiny_models"]
+
+ROOT = Path(__file__).resolve().parent
+
+MARKERS = {
+    "slow": "takes more than a few seconds on 2 CPU cores",
+    "gpu": "needs a CUDA device (skipped without one)",
+    "realmodel": "runs the real embedded default model (Qwen2.5-Coder-0.5B-Instruct)",
+    "baseline": "claim family: baseline refusal rates and score separation",
+    "localized_circuit": "claim family H1: a small set of components is necessary for refusal",
+    "layer_hierarchy": "claim family H2: detection early, refusal written late",
+    "shared_substrate": "claim family H3: the same components serve every harm category",
+    "single_direction": "claim family H4: refusal is mediated by one residual direction",
+}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    for name, doc in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {doc}")
+    # `pytest hypotheses/` writes the self-contained HTML report unless --html says otherwise.
+    args = [str(a) for a in config.args]
+    if any(Path(a.split("::")[0]).resolve().is_relative_to(ROOT / "hypotheses") for a in args if a):
+        if hasattr(config.option, "htmlpath") and not config.option.htmlpath:
+            config.option.htmlpath = str(ROOT / "reports" / "hypotheses.html")
+            config.option.self_contained_html = True
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
