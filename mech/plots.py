@@ -1,0 +1,77 @@
+"""plotly figures for the report. Each function takes plain data and returns a ``plotly.graph_objects.Figure``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import plotly.graph_objects as go
+
+
+def rate_bars(rates: Mapping[str, Mapping[str, Mapping[str, float]]], title: str = "Refusal rate by category") -> go.Figure:
+    """Grouped bars with 95% CI error bars. ``rates[series][category] = {"rate", "low", "high"}``."""
+    fig = go.Figure()
+    for series, by_cat in rates.items():
+        cats = list(by_cat)
+        r = [by_cat[c]["rate"] for c in cats]
+        fig.add_bar(
+            name=series,
+            x=cats,
+            y=r,
+            error_y=dict(
+                type="data",
+                symmetric=False,
+                array=[by_cat[c]["high"] - by_cat[c]["rate"] for c in cats],
+                arrayminus=[by_cat[c]["rate"] - by_cat[c]["low"] for c in cats],
+            ),
+        )
+    fig.update_layout(barmode="group", title=title, yaxis=dict(title="refusal rate", range=[0, 1.05]))
+    return fig
+
+
+def score_histogram(groups: Mapping[str, Sequence[float]], title: str = "Logit refusal score") -> go.Figure:
+    """Overlaid histograms of refusal log-odds per group (harmful, harmless, benign-but-alarming)."""
+    fig = go.Figure()
+    for name, xs in groups.items():
+        fig.add_histogram(x=list(xs), name=name, opacity=0.6, nbinsx=40)
+    fig.update_layout(barmode="overlay", title=title, xaxis_title="log-odds of a refusal first token", yaxis_title="prompts")
+    return fig
+
+
+def heatmap(
+    z: Sequence[Sequence[float]],
+    x: Sequence[str | int],
+    y: Sequence[str | int],
+    title: str,
+    x_title: str = "",
+    y_title: str = "",
+    colorscale: str = "RdBu",
+    zmid: float | None = 0.0,
+) -> go.Figure:
+    """A labelled heatmap (layer × component, layer × head, category × category)."""
+    fig = go.Figure(go.Heatmap(z=[list(r) for r in z], x=list(x), y=list(y), colorscale=colorscale, zmid=zmid))
+    fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y_title)
+    return fig
+
+
+def curve(
+    x: Sequence[float],
+    ys: Mapping[str, Sequence[float]],
+    title: str,
+    x_title: str = "",
+    y_title: str = "",
+    band: tuple[Sequence[float], Sequence[float]] | None = None,
+    band_name: str = "random control (5–95%)",
+) -> go.Figure:
+    """Line curves with an optional shaded band (e.g. a random-component control)."""
+    fig = go.Figure()
+    if band is not None:
+        lo, hi = band
+        fig.add_scatter(x=list(x), y=list(hi), mode="lines", line=dict(width=0), showlegend=False, hoverinfo="skip")
+        fig.add_scatter(
+            x=list(x), y=list(lo), mode="lines", line=dict(width=0), fill="tonexty",
+            fillcolor="rgba(120,120,120,0.25)", name=band_name,
+        )
+    for name, y in ys.items():
+        fig.add_scatter(x=list(x), y=list(y), mode="lines+markers", name=name)
+    fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y_title)
+    return fig
