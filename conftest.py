@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["fixtures.options", "fixtures.model", "fixtures.tiny_models"]
+pytest_plugins = ["fixtures.options", "fixtures.model", "fixtures.tiny_models", "fixtures.report", "fixtures.sweeps", "pytester"]
 
 ROOT = Path(__file__).resolve().parent
 
@@ -37,7 +37,7 @@ def pytest_configure(config: pytest.Config) -> None:
     args = [str(a) for a in config.args]
     if any(Path(a.split("::")[0]).resolve().is_relative_to(ROOT / "hypotheses") for a in args if a):
         if hasattr(config.option, "htmlpath") and not config.option.htmlpath:
-            config.option.htmlpath = str(ROOT / "reports" / "hypotheses.html")
+            config.option.htmlpath = str(Path(os.environ.get("MECH_REPORTS_DIR", ROOT / "reports")) / "hypotheses.html")
             config.option.self_contained_html = True
 
 

@@ -480,3 +480,15 @@ def load_model(
         quantize=quantize,
         load_seconds=time.perf_counter() - t0,
     )
+
+
+def n_layers_of(name_or_path: str = DEFAULT_MODEL, cache_dir: str | Path | None = None) -> int:
+    """The number of decoder layers of a model, read from its config without loading weights."""
+    from transformers import AutoConfig
+
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    src, kw, _, _ = _resolve(name_or_path, cache)
+    try:
+        return int(AutoConfig.from_pretrained(src, **kw).num_hidden_layers)
+    except Exception as e:
+        raise ModelError(f"could not read the config of {name_or_path!r}: {type(e).__name__}") from e

@@ -75,3 +75,33 @@ def curve(
         fig.add_scatter(x=list(x), y=list(y), mode="lines+markers", name=name)
     fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y_title)
     return fig
+
+
+def circuit(component_ids: Sequence[str], title: str = "Top components by layer") -> go.Figure:
+    """A circuit diagram: each component (``L12.H3``, ``L5.mlp``…) as a node at (layer, index), edges
+    from every node to the nodes of the next populated layer, in rank order."""
+    import re
+
+    pts = []
+    for rank, cid in enumerate(component_ids):
+        m = re.match(r"L(\d+)\.(?:H|N)?(\d+|attn|mlp)", cid)
+        if not m:
+            continue
+        idx = m.group(2)
+        y = int(idx) if idx.isdigit() else (0 if idx == "attn" else 1)
+        pts.append((int(m.group(1)), y, cid, rank))
+    fig = go.Figure()
+    layers = sorted({p[0] for p in pts})
+    for a, b in zip(layers, layers[1:], strict=False):
+        for pa in (p for p in pts if p[0] == a):
+            for pb in (p for p in pts if p[0] == b):
+                fig.add_scatter(x=[pa[0], pb[0]], y=[pa[1], pb[1]], mode="lines", line=dict(color="#bbb", width=1),
+                                showlegend=False, hoverinfo="skip")
+    fig.add_scatter(
+        x=[p[0] for p in pts], y=[p[1] for p in pts], mode="markers+text", text=[p[2] for p in pts],
+        textposition="top center", marker=dict(size=[max(8, 22 - p[3]) for p in pts], color=[p[3] for p in pts],
+                                               colorscale="Viridis", showscale=True, colorbar=dict(title="rank")),
+        showlegend=False,
+    )
+    fig.update_layout(title=title, xaxis_title="layer", yaxis_title="head / index")
+    return fig

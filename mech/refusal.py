@@ -204,3 +204,35 @@ def auroc(pos_scores: Sequence[float], neg_scores: Sequence[float]) -> float:
         return math.nan
     u = mannwhitneyu(pos_scores, neg_scores, alternative="two-sided").statistic
     return float(u) / (len(pos_scores) * len(neg_scores))
+
+
+def measure(
+    lm: Any,
+    prompts: Sequence[str],
+    refusal_ids: Sequence[int],
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    judges: Sequence[Judge] = (),
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """All refusal measures of each prompt, side by side.
+
+    Per prompt: ``score`` (logit refusal log-odds), ``refused`` (substring detector on a greedy completion
+    of ``max_new_tokens``), one boolean per extra judge under its name, and ``response`` clipped to
+    :data:`REPORT_CHARS` characters (the full text is never kept).
+    """
+    detector = SubstringDetector()
+    scores = refusal_scores(lm, prompts, refusal_ids, batch_size=batch_size)
+    responses = generate(lm, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+    refused = detector(prompts, responses)
+    extra = {j.name: j(prompts, responses) for j in judges}
+    return [
+        {
+            "prompt": p,
+            "score": float(s),
+            "refused": bool(r),
+            **{name: bool(v[i]) for name, v in extra.items()},
+            "response": clip(resp),
+        }
+        for i, (p, s, r, resp) in enumerate(zip(prompts, scores.tolist(), refused, responses, strict=True))
+    ]
