@@ -24,10 +24,12 @@ T = TypeVar("T")
 _MECH_DIR = Path(__file__).resolve().parent
 
 
-def code_version() -> str:
-    """sha256 (16 hex) of the library's source files: any change to mech/ invalidates cached results."""
+def code_version(modules: tuple[str, ...] | None = None) -> str:
+    """sha256 (16 hex) of the library's source files (all of mech/, or only ``modules`` such as
+    ``("refusal", "models")``): a change to the code a result depends on invalidates it."""
     h = hashlib.sha256()
-    for p in sorted(_MECH_DIR.glob("*.py")):
+    files = sorted(_MECH_DIR.glob("*.py")) if modules is None else [_MECH_DIR / f"{m}.py" for m in sorted(modules)]
+    for p in files:
         h.update(p.name.encode())
         h.update(p.read_bytes())
     return h.hexdigest()[:16]
@@ -88,8 +90,17 @@ class DiskCache:
             if os.path.exists(tmp):
                 os.unlink(tmp)
 
-    def get_or_compute(self, namespace: str, parts: dict[str, Any], fn: Callable[[], T], fmt: str = "json") -> T:
-        key = make_key(namespace=namespace, code=code_version(), **parts)
+    def get_or_compute(
+        self,
+        namespace: str,
+        parts: dict[str, Any],
+        fn: Callable[[], T],
+        fmt: str = "json",
+        modules: tuple[str, ...] | None = None,
+    ) -> T:
+        """The stored value for (namespace, parts, code version of ``modules`` — default all of mech/), or
+        ``fn()`` computed, stored atomically and returned. Concurrent callers of one key wait on a file lock."""
+        key = make_key(namespace=namespace, code=code_version(modules), **parts)
         path = self.path(namespace, key, fmt)
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path) + ".lock"):
