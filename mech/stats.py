@@ -1,0 +1,271 @@
+"""Thin wrappers over :mod:`scipy.stats` for the claims of the suite, returning small frozen dataclasses.
+
+Every result has ``to_dict()`` (JSON-ready: NaN becomes ``None``) so the hypothesis suite and the report can
+store it next to the claim it supports.
+
+* :func:`binomial_rate` — a rate with a 95 % CI (``binomtest(...).proportion_ci``; Clopper–Pearson "exact" by
+  default, "wilson" / "wilsoncc" on request).
+* :func:`mcnemar_exact` — exact McNemar test of paired binary outcomes (refused before / after an
+  intervention): a two-sided ``binomtest`` on the discordant pairs.
+* :func:`permutation_pvalue` — the p-value of an observed statistic against a null sample (e.g. random
+  component controls), with the +1 correction ``(1 + #{null at least as extreme}) / (1 + n_null)``.
+* :func:`adjust_pvalues` — Holm (step-down, by hand) or Benjamini–Hochberg (``false_discovery_control``).
+* :func:`spearman` — rank agreement (``spearmanr``).
+* :func:`auroc` — AUROC from the Mann–Whitney U statistic (:func:`mech.refusal.auroc`) with its p-value.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import numpy as np
+from scipy import stats as _st
+
+__all__ = [
+    "AdjustedPValues",
+    "AurocResult",
+    "McNemarResult",
+    "PermutationResult",
+    "RankAgreement",
+    "RateCI",
+    "adjust_pvalues",
+    "auroc",
+    "benjamini_hochberg",
+    "binomial_rate",
+    "holm",
+    "jsonable",
+    "mcnemar_exact",
+    "permutation_pvalue",
+    "spearman",
+]
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` with dataclasses, tuples, numpy and torch scalars/arrays turned into JSON types; NaN → ``None``."""
+    if hasattr(obj, "to_dict") and callable(obj.to_dict):
+        return jsonable(obj.to_dict())
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        f = float(obj)
+        return None if math.isnan(f) or math.isinf(f) else f
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    if type(obj).__module__.startswith("torch"):
+        return jsonable(obj.detach().cpu().tolist())
+    return obj
+
+
+class _Dict:
+    def to_dict(self) -> dict[str, Any]:
+        return jsonable(asdict(self))  # type: ignore[call-overload]
+
+
+# ---------------------------------------------------------------------------------------------- rates
+
+
+@dataclass(frozen=True)
+class RateCI(_Dict):
+    """``k`` successes out of ``n``: the rate and its two-sided CI (``nan`` when ``n == 0``)."""
+
+    k: int
+    n: int
+    rate: float
+    low: float
+    high: float
+    confidence: float
+    method: str  # "exact" (Clopper–Pearson) | "wilson" | "wilsoncc"
+
+
+def binomial_rate(
+    k: int | Sequence[bool], n: int | None = None, confidence: float = 0.95, method: str = "exact"
+) -> RateCI:
+    """Rate ``k/n`` with a ``confidence`` CI from :func:`scipy.stats.binomtest`.
+
+    ``k`` may be a sequence of booleans (then ``n`` is its length). ``method``: ``exact`` (Clopper–Pearson),
+    ``wilson`` or ``wilsoncc``.
+    """
+    if not isinstance(k, (int, np.integer)):
+        flags = [bool(x) for x in k]
+        k, n = sum(flags), len(flags)
+    if n is None:
+        raise ValueError("binomial_rate needs n when k is a count")
+    k, n = int(k), int(n)
+    if n < 0 or k < 0 or k > n:
+        raise ValueError(f"binomial_rate needs 0 <= k <= n, got k={k}, n={n}")
+    if n == 0:
+        return RateCI(0, 0, math.nan, math.nan, math.nan, confidence, method)
+    ci = _st.binomtest(k, n).proportion_ci(confidence_level=confidence, method=method)
+    return RateCI(k, n, k / n, float(ci.low), float(ci.high), confidence, method)
+
+
+# --------------------------------------------------------------------------------------------- McNemar
+
+
+@dataclass(frozen=True)
+class McNemarResult(_Dict):
+    """Paired binary outcomes before/after: ``b`` = True→False flips, ``c`` = False→True flips."""
+
+    n: int
+    b: int  # before True, after False (e.g. refusal removed)
+    c: int  # before False, after True (e.g. refusal induced)
+    p_value: float  # exact two-sided binomial test of b vs c on the b + c discordant pairs
+    alternative: str
+
+
+def mcnemar_exact(
+    before: Sequence[bool], after: Sequence[bool], alternative: Literal["two-sided", "greater", "less"] = "two-sided"
+) -> McNemarResult:
+    """Exact McNemar test: ``binomtest(b, b + c, 0.5)`` on the discordant pairs.
+
+    ``alternative="greater"`` tests that True→False flips (``b``) outnumber False→True flips (``c``).
+    With no discordant pair the p-value is 1.
+    """
+    if len(before) != len(after):
+        raise ValueError(f"mcnemar_exact needs paired outcomes, got {len(before)} and {len(after)}")
+    b = sum(1 for x, y in zip(before, after, strict=True) if x and not y)
+    c = sum(1 for x, y in zip(before, after, strict=True) if y and not x)
+    p = 1.0 if b + c == 0 else float(_st.binomtest(b, b + c, 0.5, alternative=alternative).pvalue)
+    return McNemarResult(len(before), b, c, p, alternative)
+
+
+# ----------------------------------------------------------------------------------------- permutation
+
+
+@dataclass(frozen=True)
+class PermutationResult(_Dict):
+    """An observed statistic against a null sample (random controls)."""
+
+    observed: float
+    null_mean: float
+    null_std: float
+    n_null: int
+    n_extreme: int  # null values at least as extreme as the observed one
+    p_value: float  # (1 + n_extreme) / (1 + n_null)
+    alternative: str
+
+
+def permutation_pvalue(
+    observed: float, null: Sequence[float], alternative: Literal["greater", "less", "two-sided"] = "greater"
+) -> PermutationResult:
+    """Monte-Carlo p-value of ``observed`` against ``null`` with the +1 correction (never 0).
+
+    ``greater``: how often the null is ≥ observed; ``less``: ≤ observed; ``two-sided``: ``|null - mean| ≥
+    |observed - mean|`` about the null mean.
+    """
+    arr = np.asarray(list(null), dtype=float)
+    arr = arr[~np.isnan(arr)]
+    if arr.size == 0:
+        raise ValueError("permutation_pvalue needs a non-empty null sample")
+    mu = float(arr.mean())
+    if alternative == "greater":
+        extreme = int((arr >= observed).sum())
+    elif alternative == "less":
+        extreme = int((arr <= observed).sum())
+    elif alternative == "two-sided":
+        extreme = int((np.abs(arr - mu) >= abs(observed - mu)).sum())
+    else:
+        raise ValueError(f"unknown alternative {alternative!r}; use greater, less or two-sided")
+    sd = float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+    return PermutationResult(float(observed), mu, sd, int(arr.size), extreme, (1 + extreme) / (1 + arr.size), alternative)
+
+
+# ----------------------------------------------------------------------------------- multiple testing
+
+
+@dataclass(frozen=True)
+class AdjustedPValues(_Dict):
+    """Raw and adjusted p-values (same order) and the rejections at ``alpha``."""
+
+    method: str  # "holm" | "bh"
+    p_values: tuple[float, ...]
+    adjusted: tuple[float, ...]
+    alpha: float
+    reject: tuple[bool, ...]
+
+
+def holm(p_values: Sequence[float]) -> np.ndarray:
+    """Holm step-down adjusted p-values (family-wise error), in the input order."""
+    p = np.asarray(list(p_values), dtype=float)
+    m = p.size
+    if m == 0:
+        return p
+    order = np.argsort(p, kind="stable")
+    scaled = (m - np.arange(m)) * p[order]
+    adj_sorted = np.minimum(np.maximum.accumulate(scaled), 1.0)
+    adj = np.empty(m)
+    adj[order] = adj_sorted
+    return adj
+
+
+def benjamini_hochberg(p_values: Sequence[float]) -> np.ndarray:
+    """Benjamini–Hochberg adjusted p-values (false discovery rate): ``scipy.stats.false_discovery_control``."""
+    p = np.asarray(list(p_values), dtype=float)
+    if p.size == 0:
+        return p
+    return np.asarray(_st.false_discovery_control(p, method="bh"), dtype=float)
+
+
+def adjust_pvalues(p_values: Sequence[float], method: Literal["holm", "bh"] = "holm", alpha: float = 0.05) -> AdjustedPValues:
+    """Adjust a family of p-values (``holm`` or ``bh``) and say which are rejected at ``alpha``."""
+    if method == "holm":
+        adj = holm(p_values)
+    elif method == "bh":
+        adj = benjamini_hochberg(p_values)
+    else:
+        raise ValueError(f"unknown adjustment {method!r}; use holm or bh")
+    return AdjustedPValues(
+        method, tuple(float(x) for x in p_values), tuple(float(x) for x in adj), alpha, tuple(bool(x <= alpha) for x in adj)
+    )
+
+
+# ------------------------------------------------------------------------------------- rank, AUROC
+
+
+@dataclass(frozen=True)
+class RankAgreement(_Dict):
+    """Spearman rank correlation of two paired score lists."""
+
+    rho: float
+    p_value: float
+    n: int
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> RankAgreement:
+    """``scipy.stats.spearmanr`` of paired scores (``nan`` when a list is constant or shorter than 3)."""
+    if len(a) != len(b):
+        raise ValueError(f"spearman needs paired scores, got {len(a)} and {len(b)}")
+    if len(a) < 3 or np.ptp(np.asarray(a, dtype=float)) == 0 or np.ptp(np.asarray(b, dtype=float)) == 0:
+        return RankAgreement(math.nan, math.nan, len(a))
+    res = _st.spearmanr(a, b)
+    return RankAgreement(float(res.statistic), float(res.pvalue), len(a))
+
+
+@dataclass(frozen=True)
+class AurocResult(_Dict):
+    """AUROC = P(score of a positive > score of a negative) (+½ ties), with the Mann–Whitney p-value."""
+
+    auroc: float
+    p_value: float  # two-sided Mann–Whitney U test
+    n_pos: int
+    n_neg: int
+
+
+def auroc(pos_scores: Sequence[float], neg_scores: Sequence[float]) -> AurocResult:
+    """AUROC via :func:`mech.refusal.auroc` (Mann–Whitney U) and the test's two-sided p-value."""
+    from mech.refusal import auroc as _auroc
+
+    pos, neg = [float(x) for x in pos_scores], [float(x) for x in neg_scores]
+    if not pos or not neg:
+        return AurocResult(math.nan, math.nan, len(pos), len(neg))
+    p = float(_st.mannwhitneyu(pos, neg, alternative="two-sided").pvalue)
+    return AurocResult(_auroc(pos, neg), p, len(pos), len(neg))

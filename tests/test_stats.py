@@ -1,0 +1,100 @@
+"""mech.stats: the scipy wrappers give the textbook numbers and JSON-ready results."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from scipy.stats import binomtest
+
+from mech.stats import (
+    adjust_pvalues,
+    auroc,
+    benjamini_hochberg,
+    binomial_rate,
+    holm,
+    jsonable,
+    mcnemar_exact,
+    permutation_pvalue,
+    spearman,
+)
+
+
+def test_binomial_rate_clopper_pearson_and_wilson():
+    r = binomial_rate(3, 10)
+    assert r.rate == pytest.approx(0.3)
+    # Clopper-Pearson 95% for 3/10 (textbook values)
+    assert r.low == pytest.approx(0.0667, abs=1e-4) and r.high == pytest.approx(0.6525, abs=1e-4)
+    w = binomial_rate(3, 10, method="wilson")
+    assert w.method == "wilson" and w.low > r.low and w.high < r.high  # Wilson is narrower here
+    flags = binomial_rate([True, False, True, True])
+    assert (flags.k, flags.n) == (3, 4)
+    empty = binomial_rate(0, 0)
+    assert math.isnan(empty.rate) and empty.to_dict()["rate"] is None
+    assert binomial_rate(0, 5).low == 0.0 and binomial_rate(5, 5).high == 1.0
+    with pytest.raises(ValueError):
+        binomial_rate(6, 5)
+
+
+def test_mcnemar_exact_counts_discordant_pairs():
+    before = [True] * 10 + [False] * 5
+    after = [False] * 8 + [True] * 2 + [False] * 4 + [True]
+    r = mcnemar_exact(before, after)
+    assert (r.b, r.c, r.n) == (8, 1, 15)
+    assert r.p_value == pytest.approx(binomtest(8, 9, 0.5).pvalue)
+    assert mcnemar_exact([True, False], [True, False]).p_value == 1.0
+    one = mcnemar_exact(before, after, alternative="greater")
+    assert one.p_value < r.p_value
+    with pytest.raises(ValueError):
+        mcnemar_exact([True], [True, False])
+
+
+def test_permutation_pvalue_plus_one_correction():
+    null = np.arange(20, dtype=float)  # 0..19
+    assert permutation_pvalue(100.0, null).p_value == pytest.approx(1 / 21)  # never 0
+    assert permutation_pvalue(-1.0, null, alternative="less").p_value == pytest.approx(1 / 21)
+    r = permutation_pvalue(15.0, null)  # 15..19 are >= 15
+    assert r.n_extreme == 5 and r.p_value == pytest.approx(6 / 21)
+    assert permutation_pvalue(9.5, null, alternative="two-sided").p_value == pytest.approx(1.0)
+    assert r.null_mean == pytest.approx(9.5)
+    with pytest.raises(ValueError):
+        permutation_pvalue(1.0, [])
+
+
+def test_holm_and_bh():
+    p = [0.01, 0.04, 0.03, 0.20]
+    # Holm: sorted 0.01*4=0.04, 0.03*3=0.09, 0.04*2=0.08 -> monotone 0.09, 0.20*1 -> 0.20
+    np.testing.assert_allclose(holm(p), [0.04, 0.09, 0.09, 0.20])
+    # BH: 0.01*4/1=0.04, 0.03*4/2=0.06, 0.04*4/3=0.0533 -> step-up min, 0.2
+    np.testing.assert_allclose(benjamini_hochberg(p), [0.04, 0.0533333, 0.0533333, 0.20], rtol=1e-5)
+    a = adjust_pvalues(p, "holm", alpha=0.05)
+    assert a.reject == (True, False, False, False)
+    b = adjust_pvalues(p, "bh", alpha=0.06)
+    assert b.reject == (True, True, True, False)
+    assert holm([]).size == 0
+    assert all(x <= 1 for x in holm([0.9, 0.8, 0.7]))
+    with pytest.raises(ValueError):
+        adjust_pvalues(p, "bonferroni")  # type: ignore[arg-type]
+
+
+def test_spearman_and_auroc():
+    r = spearman([1, 2, 3, 4, 5], [10, 20, 30, 40, 50])
+    assert r.rho == pytest.approx(1.0) and r.n == 5
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]).rho == pytest.approx(-1.0)
+    assert math.isnan(spearman([1, 1, 1], [1, 2, 3]).rho)
+    a = auroc([3, 4, 5, 6], [0, 1, 2, 3.5])
+    assert a.auroc == pytest.approx(15 / 16) and (a.n_pos, a.n_neg) == (4, 4)
+    assert 0 < a.p_value < 1
+    assert math.isnan(auroc([], [1.0]).auroc)
+
+
+def test_results_are_json_serializable():
+    items = [
+        binomial_rate(1, 3), mcnemar_exact([True], [False]), permutation_pvalue(1.0, [0.0, 2.0]),
+        adjust_pvalues([0.1, 0.2]), spearman([1, 2, 3], [1, 3, 2]), auroc([1.0], [0.0]),
+    ]
+    text = json.dumps([x.to_dict() for x in items])
+    assert "NaN" not in text
+    assert jsonable({"a": (np.float32(1.5), np.int64(2), float("nan"))}) == {"a": [1.5, 2, None]}
