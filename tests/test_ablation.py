@@ -247,10 +247,9 @@ def test_random_control_is_reproducible(tiny, refusal_ids):
 
 
 @pytest.fixture(scope="module")
-def real_lm():
-    from mech.models import load_model
-
-    return load_model()
+def real_lm(lm):
+    """The session's default model (one copy in memory for the whole test run)."""
+    return lm
 
 
 @pytest.mark.realmodel

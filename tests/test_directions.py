@@ -218,10 +218,9 @@ ADDITION_RISE_MARGIN = 0.75
 
 
 @pytest.fixture(scope="module")
-def real_lm():
-    from mech.models import load_model
-
-    return load_model()
+def real_lm(lm):
+    """The session's default model (one copy in memory for the whole test run)."""
+    return lm
 
 
 @pytest.fixture(scope="module")
