@@ -27,13 +27,23 @@ def _n_layers(config: pytest.Config) -> int:
         raise pytest.UsageError(f"model: {e}") from None
 
 
+_CATS = pytest.StashKey[list]()
+_LAYERS = pytest.StashKey[int]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Check --prompts and --model once, before collection: a bad one is a one-line usage error."""
+    config.stash[_CATS] = _categories(config)
+    config.stash[_LAYERS] = _n_layers(config)
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "category" in metafunc.fixturenames:
-        cats = _categories(metafunc.config)
+        cats = list(metafunc.config.stash[_CATS])
         if metafunc.module.__name__.endswith("test_baseline"):  # baseline claims also pool all categories
             cats = ["all", *cats]
         metafunc.parametrize("category", cats, ids=cats)
     if "late_layer" in metafunc.fixturenames:
-        n = _n_layers(metafunc.config)
+        n = metafunc.config.stash[_LAYERS]
         layers = list(range(n // 3, n))
         metafunc.parametrize("late_layer", layers, ids=[f"layer{L}" for L in layers])
