@@ -20,6 +20,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mech.models import pad_left
+
 REPORT_CHARS = 200  # reports never show more of a completion to a harmful prompt
 _QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201b": "'", "\u2032": "'", "\u201c": '"', "\u201d": '"'})
 
@@ -101,33 +103,80 @@ def refusal_scores(
 # ----------------------------------------------------------------------------------------- generation
 
 
+def _eos_ids(lm: Any) -> set[int]:
+    ids = getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None)
+    if ids is None:
+        ids = lm.tokenizer.eos_token_id
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    return {int(i) for i in ids}
+
+
 @torch.inference_mode()
+def _greedy_batch(lm: Any, enc: dict[str, Tensor], max_new_tokens: int, eos: set[int]) -> list[list[int]]:
+    """Greedy decoding of one left-padded batch with a KV cache; finished rows (EOS) leave the batch.
+
+    Dropping finished rows keeps every decode step's matmuls as small as the rows still running; the
+    remaining rows see exactly the inputs they would see in the full batch (left padding, own positions).
+    """
+    model = lm.model
+    n = enc["input_ids"].shape[0]
+    out: list[list[int]] = [[] for _ in range(n)]
+    if max_new_tokens <= 0:
+        return out
+    am, pos = enc["attention_mask"], enc["position_ids"]
+    res = model(input_ids=enc["input_ids"], attention_mask=am, position_ids=pos, use_cache=True, logits_to_keep=1)
+    cache = res.cache
+    alive = torch.arange(n)
+    eos_t = torch.tensor(sorted(eos), dtype=torch.long) if eos else None
+    can_prune = hasattr(cache, "batch_select_indices")
+    for step in range(max_new_tokens):
+        nxt = res.logits[:, -1].argmax(-1)
+        nxt_cpu = nxt.cpu()
+        done = torch.isin(nxt_cpu, eos_t) if eos_t is not None else torch.zeros(len(alive), dtype=torch.bool)
+        for row, tok, d in zip(alive.tolist(), nxt_cpu.tolist(), done.tolist(), strict=True):
+            if not d:
+                out[row].append(tok)
+        if step == max_new_tokens - 1:
+            break
+        if can_prune and bool(done.any()):
+            keep = (~done).nonzero().flatten()
+            if len(keep) == 0:
+                break
+            alive, nxt, am, pos = alive[keep], nxt[keep.to(nxt.device)], am[keep.to(am.device)], pos[keep.to(pos.device)]
+            cache.batch_select_indices(keep.to(nxt.device))
+        am = torch.cat([am, am.new_ones(am.shape[0], 1)], 1)
+        pos = pos[:, -1:] + 1
+        res = model(input_ids=nxt[:, None].to(am.device), attention_mask=am, position_ids=pos, cache=cache,
+                    use_cache=True)
+    return out
+
+
 def generate(
     lm: Any,
     prompts: Sequence[str],
     max_new_tokens: int = 64,
-    batch_size: int = 16,
+    batch_size: int = 64,
     system: str | None = None,
     progress: bool = False,
 ) -> list[str]:
-    """Greedy completions (left-padded batches); the text of the response only, special tokens dropped."""
-    texts: list[str] = []
+    """Greedy completions; the text of the response only, special tokens dropped.
+
+    Prompts are batched by length (less padding) and returned in input order. A row stops at the model's
+    EOS token and leaves the batch; big batches matter on CPU, where a decode step of 16 rows costs nearly
+    as much as one of 64.
+    """
     tok = lm.tokenizer
-    steps = range(0, len(prompts), batch_size)
+    eos = _eos_ids(lm)
+    enc_all = lm.encode_chat(list(prompts), system=system)
+    order = sorted(range(len(prompts)), key=lambda i: (len(enc_all[i]), i))
+    texts: list[str] = [""] * len(prompts)
+    steps = range(0, len(order), batch_size)
     for i in tqdm(steps, desc="generate", disable=not progress, leave=False):
-        enc = lm.batch(list(prompts[i : i + batch_size]), system=system)
-        enc.pop("position_ids")  # generate derives them from the attention mask
-        out = lm.model.generate(
-            **enc,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            pad_token_id=tok.pad_token_id,
-        )
-        new = out[:, enc["input_ids"].shape[1] :]
-        texts.extend(tok.batch_decode(new, skip_special_tokens=True))
+        rows = order[i : i + batch_size]
+        enc = pad_left([enc_all[r] for r in rows], tok.pad_token_id, lm.input_device)
+        ids = _greedy_batch(lm, enc, max_new_tokens, eos)
+        for r, t in zip(rows, tok.batch_decode(ids, skip_special_tokens=True), strict=True):
+            texts[r] = t
     return texts
 
 
@@ -214,6 +263,7 @@ def measure(
     batch_size: int = 16,
     judges: Sequence[Judge] = (),
     progress: bool = False,
+    gen_batch_size: int = 64,
 ) -> list[dict[str, Any]]:
     """All refusal measures of each prompt, side by side.
 
@@ -223,7 +273,7 @@ def measure(
     """
     detector = SubstringDetector()
     scores = refusal_scores(lm, prompts, refusal_ids, batch_size=batch_size)
-    responses = generate(lm, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+    responses = generate(lm, prompts, max_new_tokens=max_new_tokens, batch_size=gen_batch_size, progress=progress)
     refused = detector(prompts, responses)
     extra = {j.name: j(prompts, responses) for j in judges}
     return [
