@@ -407,32 +407,13 @@ def first_token_kl(base_logits: Tensor, new_logits: Tensor) -> Tensor:
     return (lp.exp() * (lp - lq)).sum(-1).clamp(min=0).float()
 
 
-def _eos_ids(lm: Any) -> set[int]:
-    eos = getattr(lm.model.generation_config, "eos_token_id", None)
-    ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
-    if lm.tokenizer.eos_token_id is not None:
-        ids.add(lm.tokenizer.eos_token_id)
-    return ids
-
-
-@torch.inference_mode()
 def greedy_completion_ids(
-    lm: Any, prompts: Sequence[str], max_new_tokens: int = 32, batch_size: int = 16
+    lm: Any, prompts: Sequence[str], max_new_tokens: int = 32, batch_size: int = 64
 ) -> list[list[int]]:
     """Greedy response token ids of each prompt, cut after the first end-of-sequence token (kept)."""
-    eos = _eos_ids(lm)
-    out: list[list[int]] = []
-    for i in range(0, len(prompts), batch_size):
-        enc = lm.batch(list(prompts[i : i + batch_size]))
-        enc.pop("position_ids")
-        gen = lm.model.generate(
-            **enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
-            pad_token_id=lm.tokenizer.pad_token_id,
-        )
-        for row in gen[:, enc["input_ids"].shape[1] :].tolist():
-            cut = next((j + 1 for j, t in enumerate(row) if t in eos), len(row))
-            out.append(row[:cut])
-    return out
+    from mech.refusal import generate_ids
+
+    return generate_ids(lm, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, keep_eos=True)
 
 
 @torch.inference_mode()
@@ -836,13 +817,15 @@ def cumulative_ablation(
     seed: int = 0,
     pool: Sequence[Component | str] | None = None,
     name: str = "cumulative",
+    runner: Any = None,
 ) -> CumulativeResult:
     """Ablate the top-k of ``ranking`` (most important first) for each k in ``ks``, with random controls.
 
     Each ranked set gets the full :func:`evaluate_ablation` (everything the baseline measures); each of the
     ``n_random`` control sets (same size and kinds, :func:`random_components` from ``pool``) only its mean
     harmful logit refusal score (one batched forward). The p-value is :func:`mech.stats.permutation_pvalue`
-    with ``alternative="less"`` on the change of the mean harmful score.
+    with ``alternative="less"`` on the change of the mean harmful score. ``runner``: a
+    :class:`mech.distributed.RayPool` scores the random sets on its workers (the same sets, the same numbers).
     """
     if n_random < 1:
         raise ValueError("cumulative_ablation needs n_random >= 1 (use >= 20 for a p-value below 0.05)")
@@ -855,12 +838,17 @@ def cumulative_ablation(
     for k in ks:
         top = comps[:k]
         ranked = evaluate_ablation(lm, baseline, top, method, means, mode, positions, name=f"{name}-top{k}")
-        sets, deltas, fracs = [], [], []
-        for _ in range(n_random):
-            rand = random_components(lm, top, rng, pool)
-            sets.append(tuple(c.id for c in rand))
-            deltas.append(_harmful_mean(lm, baseline, ablate(lm, rand, method, means, mode, positions)) - base_mean)
-            fracs.append(param_fraction(lm, rand))
+        rands = [random_components(lm, top, rng, pool) for _ in range(n_random)]
+        sets = [tuple(c.id for c in rand) for rand in rands]
+        fracs = [param_fraction(lm, rand) for rand in rands]
+        if runner is None:
+            means_k = [_harmful_mean(lm, baseline, ablate(lm, rand, method, means, mode, positions)) for rand in rands]
+        else:
+            from mech.distributed import ablation_scores
+
+            means_k = ablation_scores(runner, baseline.harmful, baseline.refusal_ids, sets, method, means, mode,
+                                      positions, baseline.batch_size)
+        deltas = [m - base_mean for m in means_k]
         test = permutation_pvalue(ranked.harmful.delta, deltas, alternative="less")
         points.append(CumulativePoint(k, ranked, tuple(sets), tuple(deltas), float(np.mean(fracs)), test))
     return CumulativeResult(name, method, tuple(c.id for c in comps), tuple(points), n_random, seed, base_mean)

@@ -237,7 +237,7 @@ def attribution_sweep(
     direction: str = DENOISE,
     refusal_ids: Sequence[int] | None = None,
     metric: Metric | None = None,
-    method: str = "fast",
+    method: str = "auto",
     system: str | None = None,
     check_aligned: bool = True,
     batch_rows: int = 64,
@@ -245,15 +245,18 @@ def attribution_sweep(
 ) -> PatchResult:
     """AtP estimates of ``patches`` (same arguments as :func:`mech.patching.patch_sweep`): a PatchResult with
     ``method="atp"`` whose ``raw`` is the clean metric plus the linear estimate. ``batch_rows``: pairs per
-    gradient pass (fast path; one backward per chunk)."""
+    gradient pass (fast path; one backward per chunk). ``method="auto"``: fast, or naive (hooks, one full
+    forward and backward per pair) on a model sharded or offloaded by accelerate."""
     direction = normalize_direction(direction)
     pairs_t = as_pairs(pairs)
     patches = list(patches)
     if not patches:
         raise PatchingError("no patches given")
     met = make_metric(refusal_ids, metric)
-    if method not in ("fast", "naive"):
-        raise PatchingError(f"unknown method {method!r}; use fast or naive")
+    if method not in ("fast", "naive", "auto"):
+        raise PatchingError(f"unknown method {method!r}; use auto, fast or naive")
+    if method == "auto":
+        method = "naive" if getattr(lm, "sharded", False) else "fast"
     plan = _plan(lm, pairs_t, patches, direction, system, check_aligned)
     t0 = time.perf_counter()
     est, clean, source, work = (_atp_fast if method == "fast" else _atp_naive)(lm, plan, met, batch_rows)

@@ -242,6 +242,9 @@ def orthogonalized_weights(lm: Any, direction: Tensor) -> Iterator[None]:
         p = getattr(module, name)
         if getattr(p, "quant_state", None) is not None or not p.dtype.is_floating_point:
             raise NotImplementedError("weight orthogonalization needs unquantized weights; use directional_ablation")
+        if p.device.type == "meta":
+            raise NotImplementedError("weight orthogonalization needs the weights in memory, but this model is "
+                                      "offloaded (accelerate); use directional_ablation, which works on hooks")
     swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
     try:
         for module, name, how in targets:

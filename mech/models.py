@@ -170,6 +170,17 @@ class LoadedModel:
         self.shape = ModelShape.from_config(self.model.config)
 
     @property
+    def device_map(self) -> dict[str, str] | None:
+        """accelerate's placement of the modules (``None`` when the model sits on one device unsharded)."""
+        return getattr(self.model, "hf_device_map", None)
+
+    @property
+    def sharded(self) -> bool:
+        """True when the weights live on more than one device, or partly offloaded (meta) to CPU or disk."""
+        devs = {p.device for p in self.model.parameters()}
+        return len(devs) > 1 or any(d.type == "meta" for d in devs) or len(set((self.device_map or {}).values())) > 1
+
+    @property
     def input_device(self) -> torch.device:
         """Where input ids go (the embedding's device, which differs from ``device`` when sharded)."""
         return self.model.get_input_embeddings().weight.device
@@ -423,14 +434,17 @@ def load_model(
     quantize: str = "none",
     cache_dir: str | Path | None = None,
     device_map: str | dict | None = None,
-    max_memory: dict | None = None,
+    max_memory: str | dict | None = None,
+    offload_folder: str | Path | None = None,
 ) -> LoadedModel:
     """Load a model for analysis, in eval mode with gradients off on its parameters.
 
     ``name_or_path`` is a registry name (see :data:`REGISTRY`), a local HF model dir, a ``.gguf`` file or a
     Hugging Face id (used only if already in the local HF cache, or when the hub is reachable).
     ``quantize`` is ``none``, ``4bit`` (bitsandbytes NF4) or ``8bit``. ``device_map="auto"`` shards a big
-    model over the available devices (accelerate); ``max_memory`` caps each device.
+    model over the available devices (accelerate); ``max_memory`` caps each device (a dict or a string such
+    as ``"cuda:0=10GiB,cpu=30GiB"``, see :func:`parse_max_memory`); layers that fit nowhere are offloaded to
+    ``offload_folder`` (default ``<cache>/offload/<model>``: the original weights, never modified ones).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -446,7 +460,8 @@ def load_model(
     if device_map is not None:
         load_kw["device_map"] = device_map
         if max_memory:
-            load_kw["max_memory"] = max_memory
+            load_kw["max_memory"] = parse_max_memory(max_memory)
+        load_kw["offload_folder"] = str(offload_folder or cache / "offload" / fingerprint.replace(":", "_")[:40])
     elif qconf is not None:
         load_kw["device_map"] = {"": dev.index if dev.type == "cuda" and dev.index is not None else str(dev)}
     try:
@@ -462,6 +477,10 @@ def load_model(
                 f"reached ({type(e).__name__}); use a registry name ({', '.join(REGISTRY)}), a local dir or a .gguf"
             ) from e
         raise ModelError(f"could not load model {display!r} from {src}: {type(e).__name__}: {first}") from e
+    placed = set((getattr(model, "hf_device_map", None) or {}).values())
+    if placed and placed <= {"disk"}:
+        raise ModelError(f"{display}: with max memory {max_memory} nothing fits on any device (all layers offloaded "
+                         "to disk); raise --max-memory for a GPU or the CPU")
     if device_map is None and qconf is None:
         model.to(dev)
     model.eval()
@@ -480,6 +499,38 @@ def load_model(
         quantize=quantize,
         load_seconds=time.perf_counter() - t0,
     )
+
+
+_MEM_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_max_memory(spec: str | dict | None) -> dict[int | str, int] | None:
+    """``"cuda:0=10GiB,cuda:1=10GiB,cpu=30GiB"`` -> accelerate's ``max_memory`` (``{0: ..., 1: ..., "cpu": ...}``,
+    bytes). Devices: ``cuda:N`` (or ``N``), ``cpu``, ``mps``, ``disk``; sizes: a number with B/KB/MB/GB/TB or
+    KiB/MiB/GiB/TiB (bare numbers are bytes). A dict is checked and returned in the same form."""
+    if spec is None or spec == "":
+        return None
+    items = spec.items() if isinstance(spec, dict) else (
+        tuple(e.split("=", 1)) if "=" in e else (e, None) for e in str(spec).replace(" ", "").split(",") if e)
+    out: dict[int | str, int] = {}
+    for dev, size in items:
+        dev_s, size_s = str(dev).lower(), str(size).lower() if size is not None else ""
+        if dev_s.startswith("cuda:"):
+            dev_s = dev_s[5:]
+        key: int | str = int(dev_s) if dev_s.isdigit() else dev_s
+        if isinstance(key, str) and key not in ("cpu", "mps", "disk"):
+            raise ModelError(f"max memory: unknown device {dev!r}; use cuda:N, cpu, mps or disk, e.g. 'cuda:0=10GiB,cpu=30GiB'")
+        num = size_s.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = size_s[len(num):] or "b"
+        try:
+            value = int(float(num) * _MEM_UNITS[unit])
+        except (ValueError, KeyError):
+            raise ModelError(f"max memory: bad size {size!r} for {dev!r}; write DEVICE=SIZE such as cuda:0=10GiB,cpu=30GiB") from None
+        if value <= 0:
+            raise ModelError(f"max memory: the size for {dev!r} must be positive, got {size!r}")
+        out[key] = value
+    return out
 
 
 def n_layers_of(name_or_path: str = DEFAULT_MODEL, cache_dir: str | Path | None = None) -> int:

@@ -1117,10 +1117,10 @@ def _site_hook(site: Site, rcv_pos: list[int], src_act: Tensor, src_pos: list[in
     def fn(x: Tensor, hook: HookPoint) -> Tensor:
         y = x.clone()
         if site.index is None:
-            y[:, rp] = src_act[:, sp].to(y.dtype)
+            y[:, rp.to(y.device)] = src_act[:, sp].to(y.device, y.dtype)
         else:
-            ix = torch.tensor(site.index, device=x.device)
-            y[:, rp[:, None], ix[None, :]] = src_act[:, sp[:, None], ix[None, :]].to(y.dtype)
+            ix = torch.tensor(site.index, device=src_act.device)
+            y[:, rp.to(y.device)[:, None], ix.to(y.device)[None, :]] = src_act[:, sp[:, None], ix[None, :]].to(y.device, y.dtype)
         return y
 
     return fn
@@ -1213,7 +1213,7 @@ def patch_sweep(
     direction: str = DENOISE,
     refusal_ids: Sequence[int] | None = None,
     metric: Metric | None = None,
-    method: str = "fast",
+    method: str = "auto",
     batch_rows: int | None = None,
     progress: bool | None = None,
     system: str | None = None,
@@ -1226,8 +1226,9 @@ def patch_sweep(
     ``pairs``: ``(harmful, harmless)`` texts (or Prompts, or dicts). ``direction``: ``harmful_to_harmless``
     (source harmful, receiver harmless; alias ``denoise``) or ``harmless_to_harmful`` (``noise``). The metric is
     ``metric(logits[B, d_vocab]) -> [B]`` on the receiver's last-position logits, by default the refusal
-    log-odds of ``refusal_ids``. ``method``: ``fast`` (batched partial forwards; see the module docstring) or
-    ``naive`` (one full HF forward per patch with hooks). ``batch_rows``: rows per patched forward (fast).
+    log-odds of ``refusal_ids``. ``method``: ``fast`` (batched partial forwards; see the module docstring),
+    ``naive`` (one full HF forward per patch with hooks) or ``auto`` (fast, or naive on a model sharded over
+    devices or offloaded by accelerate, where hooks move activations to each layer's device). ``batch_rows``: rows per patched forward (fast).
     ``return_logits`` keeps the patched logits ``[n_pairs, n_patches, d_vocab]`` in ``result.logits``.
     """
     direction = normalize_direction(direction)
@@ -1236,8 +1237,10 @@ def patch_sweep(
     if not patches:
         raise PatchingError("no patches given")
     met = make_metric(refusal_ids, metric)
-    if method not in ("fast", "naive"):
-        raise PatchingError(f"unknown method {method!r}; use fast or naive")
+    if method not in ("fast", "naive", "auto"):
+        raise PatchingError(f"unknown method {method!r}; use auto, fast or naive")
+    if method == "auto":
+        method = "naive" if getattr(lm, "sharded", False) else "fast"
     plan = _plan(lm, pairs_t, patches, direction, system, check_aligned)
     t0 = time.perf_counter()
     with torch.inference_mode():

@@ -104,15 +104,18 @@ def refusal_scores(
 
 
 def _eos_ids(lm: Any) -> set[int]:
-    ids = getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None)
-    if ids is None:
-        ids = lm.tokenizer.eos_token_id
-    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    """The model's end-of-sequence ids: its generation config's and its tokenizer's."""
+    eos = getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None)
+    ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+    if lm.tokenizer.eos_token_id is not None:
+        ids.add(lm.tokenizer.eos_token_id)
     return {int(i) for i in ids}
 
 
 @torch.inference_mode()
-def _greedy_batch(lm: Any, enc: dict[str, Tensor], max_new_tokens: int, eos: set[int]) -> list[list[int]]:
+def _greedy_batch(
+    lm: Any, enc: dict[str, Tensor], max_new_tokens: int, eos: set[int], keep_eos: bool = False
+) -> list[list[int]]:
     """Greedy decoding of one left-padded batch with a KV cache; finished rows (EOS) leave the batch.
 
     Dropping finished rows keeps every decode step's matmuls as small as the rows still running; the
@@ -134,7 +137,7 @@ def _greedy_batch(lm: Any, enc: dict[str, Tensor], max_new_tokens: int, eos: set
         nxt_cpu = nxt.cpu()
         done = torch.isin(nxt_cpu, eos_t) if eos_t is not None else torch.zeros(len(alive), dtype=torch.bool)
         for row, tok, d in zip(alive.tolist(), nxt_cpu.tolist(), done.tolist(), strict=True):
-            if not d:
+            if keep_eos or not d:
                 out[row].append(tok)
         if step == max_new_tokens - 1:
             break
@@ -151,6 +154,33 @@ def _greedy_batch(lm: Any, enc: dict[str, Tensor], max_new_tokens: int, eos: set
     return out
 
 
+def generate_ids(
+    lm: Any,
+    prompts: Sequence[str],
+    max_new_tokens: int = 64,
+    batch_size: int = 64,
+    system: str | None = None,
+    progress: bool = False,
+    keep_eos: bool = False,
+) -> list[list[int]]:
+    """Greedy response token ids of each prompt, up to the first EOS (dropped, or kept with ``keep_eos``).
+
+    Prompts are batched by length (less padding) and returned in input order. A row stops at the model's
+    EOS token and leaves the batch; big batches matter on CPU, where a decode step of 16 rows costs nearly
+    as much as one of 64.
+    """
+    eos = _eos_ids(lm)
+    enc_all = lm.encode_chat(list(prompts), system=system)
+    order = sorted(range(len(prompts)), key=lambda i: (len(enc_all[i]), i))
+    out: list[list[int]] = [[] for _ in prompts]
+    for i in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress, leave=False):
+        rows = order[i : i + batch_size]
+        enc = pad_left([enc_all[r] for r in rows], lm.tokenizer.pad_token_id, lm.input_device)
+        for r, ids in zip(rows, _greedy_batch(lm, enc, max_new_tokens, eos, keep_eos), strict=True):
+            out[r] = ids
+    return out
+
+
 def generate(
     lm: Any,
     prompts: Sequence[str],
@@ -159,25 +189,9 @@ def generate(
     system: str | None = None,
     progress: bool = False,
 ) -> list[str]:
-    """Greedy completions; the text of the response only, special tokens dropped.
-
-    Prompts are batched by length (less padding) and returned in input order. A row stops at the model's
-    EOS token and leaves the batch; big batches matter on CPU, where a decode step of 16 rows costs nearly
-    as much as one of 64.
-    """
-    tok = lm.tokenizer
-    eos = _eos_ids(lm)
-    enc_all = lm.encode_chat(list(prompts), system=system)
-    order = sorted(range(len(prompts)), key=lambda i: (len(enc_all[i]), i))
-    texts: list[str] = [""] * len(prompts)
-    steps = range(0, len(order), batch_size)
-    for i in tqdm(steps, desc="generate", disable=not progress, leave=False):
-        rows = order[i : i + batch_size]
-        enc = pad_left([enc_all[r] for r in rows], tok.pad_token_id, lm.input_device)
-        ids = _greedy_batch(lm, enc, max_new_tokens, eos)
-        for r, t in zip(rows, tok.batch_decode(ids, skip_special_tokens=True), strict=True):
-            texts[r] = t
-    return texts
+    """Greedy completions (:func:`generate_ids`): the text of the response only, special tokens dropped."""
+    ids = generate_ids(lm, prompts, max_new_tokens, batch_size, system, progress)
+    return lm.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 
 @dataclass(frozen=True)
@@ -213,19 +227,10 @@ def derive_refusal_tokens(
     detector = detector or SubstringDetector()
     tok = lm.tokenizer
     firsts: Counter[int] = Counter()
-    for i in range(0, len(harmful_prompts), batch_size):
-        chunk = list(harmful_prompts[i : i + batch_size])
-        enc = lm.batch(chunk)
-        enc.pop("position_ids")
-        with torch.inference_mode():
-            out = lm.model.generate(
-                **enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
-                pad_token_id=tok.pad_token_id,
-            )
-        new = out[:, enc["input_ids"].shape[1] :]
-        for row, text in zip(new.tolist(), tok.batch_decode(new, skip_special_tokens=True), strict=True):
-            if row and detector.is_refusal(text):
-                firsts[row[0]] += 1
+    rows = generate_ids(lm, harmful_prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    for row, text in zip(rows, tok.batch_decode(rows, skip_special_tokens=True), strict=True):
+        if row and detector.is_refusal(text):
+            firsts[row[0]] += 1
     total = sum(firsts.values())
     kept = [(t, c) for t, c in firsts.most_common() if total and c / total >= min_share]
     if kept:

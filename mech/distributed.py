@@ -1,0 +1,364 @@
+"""Distributed sweeps over Ray: patch and ablation lists fanned out to actors that each hold a model replica.
+
+:class:`RayPool` starts ``workers`` Ray actors (a local cluster when no address is given, or an existing
+cluster at ``address``); each loads the model once from a :class:`ModelSpec` (a registry name, a local dir or
+a ``.gguf``; ``device_map``/``max_memory`` shard one replica over a node's devices). :meth:`RayPool.map`
+hands out units of work to idle actors and gathers the results in input order:
+
+* every finished unit is written to the :class:`~mech.cache.DiskCache` at once (when one is given), so a
+  re-run after a crash recomputes nothing that finished;
+* a worker that dies mid-unit (process killed, node lost, out of memory) is replaced by a fresh actor and
+  its unit is re-run; an exception raised by the work itself is not retried and surfaces as-is.
+
+On top: :func:`distributed_sweep` (any of :mod:`mech.patching`'s sweeps, one unit per few pairs) and
+:func:`ablation_scores` (the mean harmful refusal score under each of many component sets, e.g. the random
+controls of :func:`mech.ablation.cumulative_ablation`). Both give the single-process result: each unit runs
+the same library function on its share; rows computed in another batch composition or thread count can
+differ in the last float32 bits (measured in ``tests/test_distributed.py``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mech.cache import DiskCache, code_version, make_key
+
+
+class DistributedError(RuntimeError):
+    """A Ray pool could not start, or its workers kept dying."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How each worker loads its replica: the arguments of :func:`mech.models.load_model`."""
+
+    name_or_path: str
+    device: str = "cpu"
+    dtype: str = "auto"
+    quantize: str = "none"
+    cache_dir: str | None = None
+    device_map: str | dict | None = None
+    max_memory: dict | None = None
+
+    def load(self) -> Any:
+        from mech.models import load_model
+
+        return load_model(**asdict(self))
+
+
+# ------------------------------------------------------------------------------------------ worker tasks
+
+
+def _task_sweep(lm: Any, sweep: str, pairs: list[tuple[str, str]], kwargs: dict[str, Any]) -> dict[str, Any]:
+    from mech import patching
+
+    fn = {"patch_sweep": patching.patch_sweep, "layer_sweep": patching.layer_sweep,
+          "head_sweep": patching.head_sweep, "neuron_sweep": patching.neuron_sweep}[sweep]
+    return fn(lm, pairs, **kwargs).to_dict()
+
+
+def _task_ablation(
+    lm: Any, prompts: list[str], refusal_ids: list[int], sets: list[list[str]], method: str, means: Any,
+    mode: str, positions: list[int] | None, batch_size: int,
+) -> list[float]:
+    from mech.ablation import ablate
+    from mech.refusal import last_logits, refusal_log_odds
+
+    out = []
+    for comps in sets:
+        with ablate(lm, comps, method, means, mode, positions):
+            logits = last_logits(lm, prompts, batch_size=batch_size)
+        out.append(float(refusal_log_odds(logits, refusal_ids).double().mean()))
+    return out
+
+
+def _task_info(lm: Any) -> dict[str, Any]:
+    import torch
+
+    return {"pid": os.getpid(), "fingerprint": lm.fingerprint, "threads": torch.get_num_threads(),
+            "name": lm.name}
+
+
+TASKS: dict[str, Callable[..., Any]] = {"sweep": _task_sweep, "ablation": _task_ablation, "info": _task_info}
+
+
+class _Worker:
+    """The actor body (wrapped with ``ray.remote`` at pool start)."""
+
+    def __init__(self, spec: dict[str, Any], threads: int | None) -> None:
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.lm = ModelSpec(**spec).load()
+
+    def run(self, task: str, payload: dict[str, Any]) -> Any:
+        return TASKS[task](self.lm, **payload)
+
+
+# ------------------------------------------------------------------------------------------------- pool
+
+
+@dataclass
+class PoolStats:
+    units: int = 0
+    computed: int = 0
+    cached: int = 0
+    retried: int = 0  # units re-run because their worker died
+    restarts: int = 0  # workers replaced
+    per_worker: dict[int, int] = field(default_factory=dict)
+
+
+class RayPool:
+    """``workers`` Ray actors, each holding one model replica; use as a context manager.
+
+    ``address``: ``None`` starts a local Ray cluster (stopped on close); ``"auto"`` or ``"ray://host:port"``
+    joins an existing one (the library is shipped to it as a ``py_modules`` runtime env). ``threads``: torch
+    threads per worker (default: this machine's cores divided by ``workers``). ``cache``: where finished
+    units are stored (a :class:`DiskCache`); ``max_restarts``: how many dead workers may be replaced.
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        workers: int = 2,
+        address: str | None = None,
+        cache: DiskCache | None = None,
+        threads: int | None = None,
+        max_restarts: int = 4,
+    ) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self.spec, self.n_workers, self.address, self.cache = spec, workers, address, cache
+        self.threads = threads if threads is not None else max(1, (os.cpu_count() or 1) // workers)
+        self.max_restarts = max_restarts
+        self.stats = PoolStats()
+        self._actors: list[Any] = []
+        self._started_ray = False
+        self._info: list[dict[str, Any]] = []
+
+    # -- lifecycle
+    def __enter__(self) -> RayPool:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def start(self) -> None:
+        try:
+            import ray
+        except ImportError as e:
+            raise DistributedError("distributed sweeps need Ray: pip install 'ray==2.60.0' (or '.[dev]')") from e
+        if not ray.is_initialized():
+            kw: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+            if self.address:
+                kw["runtime_env"] = {"py_modules": [str(Path(__file__).resolve().parent)]}
+                try:
+                    ray.init(address=self.address, **kw)
+                except Exception as e:
+                    raise DistributedError(f"could not join the Ray cluster at {self.address!r}: {e}") from e
+            else:
+                ray.init(num_cpus=max(self.n_workers, os.cpu_count() or 1), object_store_memory=256 * 2**20, **kw)
+            self._started_ray = True
+        self._remote = ray.remote(num_cpus=1)(_Worker)
+        self._actors = [self._new_actor() for _ in range(self.n_workers)]
+        self._info = ray.get([a.run.remote("info", {}) for a in self._actors])
+
+    def _new_actor(self) -> Any:
+        return self._remote.remote(asdict(self.spec), self.threads)
+
+    def close(self) -> None:
+        import ray
+
+        for a in self._actors:
+            ray.kill(a)
+        self._actors = []
+        if self._started_ray and ray.is_initialized():
+            ray.shutdown()
+        self._started_ray = False
+
+    @property
+    def fingerprint(self) -> str:
+        """The model fingerprint the workers report (cache keys use it)."""
+        return self._info[0]["fingerprint"] if self._info else self.spec.name_or_path
+
+    def worker_pids(self) -> list[int]:
+        return [i["pid"] for i in self._info]
+
+    # -- work
+    def map(
+        self,
+        task: str,
+        payloads: Sequence[dict[str, Any]],
+        cache_parts: Sequence[dict[str, Any]] | None = None,
+        namespace: str = "ray-unit",
+        modules: tuple[str, ...] | None = None,
+        on_result: Callable[[int, Any], None] | None = None,
+    ) -> list[Any]:
+        """Run ``TASKS[task](lm, **payload)`` for every payload on the workers; results in input order.
+
+        With ``cache_parts`` (one dict per payload) and a pool cache, a unit whose key is stored is read
+        instead of run, and every unit is stored the moment it finishes. ``on_result(i, result)`` is called
+        as each unit arrives (progress; tests use it to kill a worker mid-sweep).
+        """
+        import ray
+        from ray.exceptions import RayActorError, WorkerCrashedError
+        from tqdm.auto import tqdm
+
+        n = len(payloads)
+        results: list[Any] = [None] * n
+        done = [False] * n
+        paths: list[Path | None] = [None] * n
+        self.stats.units += n
+        if self.cache is not None and cache_parts is not None:
+            code = code_version(modules)
+            for i, parts in enumerate(cache_parts):
+                key = make_key(namespace=namespace, code=code, model=self.fingerprint, task=task, **parts)
+                paths[i] = p = self.cache.path(namespace, key)
+                if self.cache.enabled and p.exists():
+                    try:
+                        results[i], done[i] = self.cache.load(p, "json"), True
+                        self.stats.cached += 1
+                    except (OSError, ValueError):
+                        p.unlink(missing_ok=True)
+        pending = deque(i for i in range(n) if not done[i])
+        idle = deque(range(len(self._actors)))
+        inflight: dict[Any, tuple[int, int]] = {}
+        bar = tqdm(total=len(pending), desc=f"ray {task}", disable=len(pending) < 4, leave=False)
+        try:
+            while pending or inflight:
+                while pending and idle:
+                    w, i = idle.popleft(), pending.popleft()
+                    inflight[self._actors[w].run.remote(task, payloads[i])] = (i, w)
+                ready, _ = ray.wait(list(inflight), num_returns=1)
+                for ref in ready:
+                    i, w = inflight.pop(ref)
+                    try:
+                        res = ray.get(ref)
+                    except (RayActorError, WorkerCrashedError):
+                        self._replace(w)
+                        pending.appendleft(i)
+                        idle.append(w)
+                        self.stats.retried += 1
+                        continue
+                    except ray.exceptions.RayTaskError as e:
+                        raise e.as_instanceof_cause() from None
+                    results[i], done[i] = res, True
+                    self.stats.computed += 1
+                    self.stats.per_worker[w] = self.stats.per_worker.get(w, 0) + 1
+                    if paths[i] is not None:
+                        self.cache.store(paths[i], res, "json")  # type: ignore[union-attr]
+                    idle.append(w)
+                    bar.update(1)
+                    if on_result is not None:
+                        on_result(i, res)
+        finally:
+            bar.close()
+        return results
+
+    def _replace(self, w: int) -> None:
+        import ray
+
+        if self.stats.restarts >= self.max_restarts:
+            raise DistributedError(
+                f"Ray workers died {self.stats.restarts + 1} times (limit max_restarts={self.max_restarts}); "
+                "check their memory (each holds a model replica) and the cluster's logs")
+        try:
+            ray.kill(self._actors[w])
+        except Exception:  # already gone
+            pass
+        self.stats.restarts += 1
+        self._actors[w] = self._new_actor()
+        self._info[w] = ray.get(self._actors[w].run.remote("info", {}))
+
+
+# ---------------------------------------------------------------------------------------------- sweeps
+
+
+def _chunks(seq: Sequence[Any], size: int) -> Iterator[list[Any]]:
+    for i in range(0, len(seq), size):
+        yield list(seq[i : i + size])
+
+
+def distributed_sweep(
+    pool: RayPool,
+    sweep: str,
+    pairs: Sequence[tuple[str, str]],
+    pairs_per_unit: int = 1,
+    on_result: Callable[[int, Any], None] | None = None,
+    **kwargs: Any,
+) -> Any:
+    """``layer_sweep`` / ``head_sweep`` / ``neuron_sweep`` / ``patch_sweep`` over ``pairs``, split into units
+    of ``pairs_per_unit`` pairs on the pool's workers; the :class:`~mech.patching.PatchResult` of all pairs.
+
+    ``kwargs`` go to the sweep (``direction``, ``refusal_ids``, ``method``, ``components``...); they must be
+    plain data (no callables), since they travel to the workers and into the cache key.
+    """
+    from mech.patching import PatchResult
+
+    if sweep not in ("patch_sweep", "layer_sweep", "head_sweep", "neuron_sweep"):
+        raise ValueError(f"unknown sweep {sweep!r}; use layer_sweep, head_sweep, neuron_sweep or patch_sweep")
+    pairs = [tuple(p) for p in pairs]
+    if not pairs:
+        raise ValueError("distributed_sweep needs at least one pair")
+    units = list(_chunks(pairs, pairs_per_unit))
+    payloads = [{"sweep": sweep, "pairs": u, "kwargs": kwargs} for u in units]
+    parts = [{"sweep": sweep, "pairs": u, "kwargs": kwargs} for u in units]
+    outs = pool.map("sweep", payloads, parts, namespace="ray-sweep",
+                    modules=("hooks", "models", "refusal", "patching"), on_result=on_result)
+    return merge_results([PatchResult.from_dict(o) for o in outs])
+
+
+def merge_results(parts: Sequence[Any]) -> Any:
+    """One :class:`~mech.patching.PatchResult` from per-unit results over disjoint pairs (same patches)."""
+    from mech.patching import PatchResult
+
+    first = parts[0]
+    labels = first.labels
+    for r in parts[1:]:
+        if r.labels != labels or r.direction != first.direction:
+            raise DistributedError("cannot merge sweeps over different patches or directions")
+    meta = dict(first.meta)
+    meta["pairs"] = [p for r in parts for p in r.meta.get("pairs", [])]
+    meta["seconds"] = sum(r.meta.get("seconds", 0.0) for r in parts)
+    meta["units"] = len(parts)
+    return PatchResult(
+        kind=first.kind, method=first.method, direction=first.direction, patches=list(first.patches),
+        raw=np.concatenate([r.raw for r in parts]), clean=np.concatenate([r.clean for r in parts]),
+        source=np.concatenate([r.source for r in parts]), meta=meta,
+    )
+
+
+def ablation_scores(
+    runner: Any,
+    prompts: Sequence[str],
+    refusal_ids: Sequence[int],
+    sets: Sequence[Sequence[str]],
+    method: str = "zero",
+    means: Any = None,
+    mode: str = "end_aligned",
+    positions: Sequence[int] | None = None,
+    batch_size: int = 16,
+    sets_per_unit: int = 2,
+) -> list[float]:
+    """The mean logit refusal score of ``prompts`` with each component set of ``sets`` ablated.
+
+    ``runner``: a loaded model (computed here) or a :class:`RayPool` (units of ``sets_per_unit`` sets on
+    its workers). Component sets are ids such as ``"L12.H3"``. Means travel to the workers pickled.
+    """
+    sets = [[str(c) if isinstance(c, str) else c.id for c in s] for s in sets]
+    common = dict(prompts=list(prompts), refusal_ids=[int(i) for i in refusal_ids], method=method, means=means,
+                  mode=mode, positions=list(positions) if positions is not None else None, batch_size=batch_size)
+    if not isinstance(runner, RayPool):
+        return _task_ablation(runner, sets=sets, **common)  # type: ignore[arg-type]
+    units = list(_chunks(sets, sets_per_unit))
+    outs = runner.map("ablation", [dict(common, sets=u) for u in units])
+    return [v for o in outs for v in o]
