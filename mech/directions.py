@@ -334,7 +334,10 @@ def select_direction(
     batch_size: int = 16,
 ) -> DirectionSelection:
     """Score candidates of ``dim`` (optionally only ``layers`` × ``positions``) on a validation split and
-    select one by Arditi's criteria (see the module docstring). Two batched forwards per candidate."""
+    select one by Arditi's criteria (see the module docstring). Two batched forwards per candidate.
+
+    The lowest bypass score among candidates that pass every filter wins. If none does, the induce filter is
+    relaxed first (the KL filter guards side effects), then the KL filter; ``passed_filters`` says so."""
     ids = list(refusal_ids)
     hv, lv = list(harmful_val), list(harmless_val)
     nh = len(hv)
@@ -371,7 +374,10 @@ def select_direction(
     if not scored:
         raise ValueError("select_direction: no candidate to score (empty layers or positions)")
     passed = [c for c in scored if c.passed]
-    pool = passed or [c for c in scored if c.layer < max_layer and np.isfinite(c.bypass)] or scored
+    # None passes every filter: relax the induce filter first and keep the side-effect (KL) and depth filters,
+    # then keep depth only, then take any candidate.
+    in_depth = [c for c in scored if c.layer < max_layer and np.isfinite(c.bypass)]
+    pool = passed or [c for c in in_depth if c.kl <= kl_threshold] or in_depth or scored
     best = min(pool, key=lambda c: c.bypass)
     vec = dim.vector(best.layer, best.pos).clone()
     return DirectionSelection(

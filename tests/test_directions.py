@@ -168,6 +168,16 @@ def test_selection_criteria(tiny_by_arch):
     assert pruned.layer == 1 and any("last 20%" in r for c in pruned.candidates for r in c.reasons)
     strict = select_direction(lm, dim, HARMFUL[3:], HARMLESS[3:], ids, layers=[1], positions=[-1], kl_threshold=0.0)
     assert not strict.passed_filters and strict.layer == 1  # falls back, and says so
+    # nothing induces refusal (impossible threshold): the fallback keeps the KL filter before the bypass score
+    relaxed = select_direction(lm, dim, HARMFUL[3:], HARMLESS[3:], ids, layers=[0, 1, 2], positions=[-2, -1],
+                               induce_threshold=1e9, prune_last_fraction=0.0, kl_threshold=1e9)
+    kls = sorted(c.kl for c in relaxed.candidates if c.norm > 0)
+    cut = kls[len(kls) // 2]  # half of the candidates pass this KL threshold
+    relaxed = select_direction(lm, dim, HARMFUL[3:], HARMLESS[3:], ids, layers=[0, 1, 2], positions=[-2, -1],
+                               induce_threshold=1e9, prune_last_fraction=0.0, kl_threshold=cut)
+    ok_kl = [c for c in relaxed.candidates if c.kl <= cut and c.norm > 0]
+    assert not relaxed.passed_filters and relaxed.selected.kl <= cut
+    assert relaxed.selected.bypass == min(c.bypass for c in ok_kl)
     d = json.loads(sel.to_json())
     assert d["layer"] == sel.layer and len(d["direction"]) == lm.shape.d_model
 
