@@ -44,7 +44,7 @@ def test_ablation_lowers_refusal_rate(circuit_ablation, claim):
         f"claim needs > {DROP_MIN_PP:.0f} pp and p < {ALPHA}")
 
 
-def test_ranked_heads_beat_random_heads(circuit_ablation, claim):
+def test_ranked_heads_beat_random_heads(circuit_ablation, top_head_attention, claim):
     """The top-k heads lower the mean harmful refusal score more than random sets of k heads (≥ 20 seeded
     draws; permutation p < 0.05, one-sided)."""
     cum = circuit_ablation["cumulative"]
@@ -61,4 +61,6 @@ def test_ranked_heads_beat_random_heads(circuit_ablation, claim):
         "Cumulative ablation curve with the random-control band",
     )
     claim.figure(plots.circuit(circuit_ablation["ranking"][: p["k"]]), "Circuit: the top-k heads by layer")
+    claim.figure(plots.attention_grid(top_head_attention, ["harmful", "harmless twin"]),
+                 "Attention patterns of the top-3 heads on a harmful prompt and its harmless twin (last 12 tokens)")
     assert p["p_value"] < ALPHA, f"top-{p['k']} Δ={p['delta']:.3f} vs random {p['random_deltas'][:3]}…: p={p['p_value']:.3g}"

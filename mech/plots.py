@@ -105,3 +105,23 @@ def circuit(component_ids: Sequence[str], title: str = "Top components by layer"
     )
     fig.update_layout(title=title, xaxis_title="layer", yaxis_title="head / index")
     return fig
+
+
+def attention_grid(data: Mapping, labels: Sequence[str] | None = None,
+                   title: str = "Attention of the top heads (query rows, key columns)") -> go.Figure:
+    """One heatmap per (head, prompt) from :func:`mech.attention.attention_patterns`: rows are heads,
+    columns prompts (e.g. a harmful prompt and its harmless twin)."""
+    from plotly.subplots import make_subplots
+
+    heads, n_p = list(data["heads"]), len(data["prompts"])
+    labels = list(labels) if labels is not None else [f"prompt {j}" for j in range(n_p)]
+    fig = make_subplots(rows=len(heads), cols=n_p, subplot_titles=[f"{h} · {labels[j]}" for h in heads for j in range(n_p)],
+                        vertical_spacing=0.08, horizontal_spacing=0.12)
+    for i, h in enumerate(heads):
+        for j in range(n_p):
+            toks = [f"{k}:{t!r}"[:14] for k, t in enumerate(data["tokens"][j])]
+            fig.add_trace(go.Heatmap(z=data["patterns"][h][j], x=toks, y=toks, colorscale="Blues", zmin=0, zmax=1,
+                                     showscale=(i == 0 and j == 0)), row=i + 1, col=j + 1)
+            fig.update_yaxes(autorange="reversed", row=i + 1, col=j + 1)
+    fig.update_layout(title=title, height=320 * len(heads) + 80)
+    return fig
