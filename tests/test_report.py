@@ -82,6 +82,33 @@ def test_suite_runs_on_a_tiny_model(pytester: pytest.Pytester, tmp_path: Path, m
         assert name in html
     _RUN["html"] = reports / "hypotheses.html"
     _RUN["n_tests"] = outcomes.get("passed", 0) + outcomes.get("failed", 0) + outcomes.get("skipped", 0)
+    _RUN["model_dir"], _RUN["findings"] = model_dir, findings
+
+
+@pytest.mark.slow
+def test_suite_under_xdist_gives_the_same_findings(pytester: pytest.Pytester, tmp_path: Path, monkeypatch):
+    """``-n 2`` on a fresh cache: two workers share the sweeps through the cache's file locks, and every claim
+    comes out with the same verdict and numbers as the serial run."""
+    if "findings" not in _RUN:
+        pytest.skip("the serial suite run did not complete")
+    reports = tmp_path / "reports"
+    monkeypatch.setenv("MECH_REPORTS_DIR", str(reports))
+    result = pytester.runpytest_subprocess(
+        str(ROOT / "hypotheses"), "-n", "2",
+        "--rootdir", str(ROOT), "-c", str(ROOT / "pyproject.toml"),
+        "--model", str(_RUN["model_dir"]), "--prompts", str(_small_prompt_file(tmp_path / "prompts.csv")),
+        "--cache-dir", str(tmp_path / "cache"), "--max-new-tokens", "4",
+        "-p", "no:cacheprovider", "-q", "--tb=line",
+        timeout=900,
+    )
+    outcomes = result.parseoutcomes()
+    assert "errors" not in outcomes and "error" not in outcomes, result.stdout.str()[-3000:]
+    serial = _RUN["findings"]["findings"]
+    parallel = json.loads((reports / "findings.json").read_text())["findings"]
+    assert parallel.keys() == serial.keys()
+    for nodeid, f in serial.items():
+        assert parallel[nodeid]["verdict"] == f["verdict"], nodeid
+        assert json.dumps(parallel[nodeid]["numbers"], sort_keys=True) == json.dumps(f["numbers"], sort_keys=True), nodeid
 
 
 def _chromium() -> str | None:
