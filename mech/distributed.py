@@ -166,7 +166,9 @@ class RayPool:
                 except Exception as e:
                     raise DistributedError(f"could not join the Ray cluster at {self.address!r}: {e}") from e
             else:
-                ray.init(num_cpus=max(self.n_workers, os.cpu_count() or 1), object_store_memory=256 * 2**20, **kw)
+                # logical CPUs for scheduling only: each actor takes one, and its torch threads are set explicitly,
+                # so several pools (or more workers than cores) never wait on each other for a CPU slot
+                ray.init(num_cpus=max(64, 4 * self.n_workers), object_store_memory=256 * 2**20, **kw)
             self._started_ray = True
         self._remote = ray.remote(num_cpus=1)(_Worker)
         self._actors = [self._new_actor() for _ in range(self.n_workers)]
