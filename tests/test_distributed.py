@@ -148,3 +148,38 @@ def test_default_model_sweep_over_two_workers(lm, refusal_tokens, run_config):
         got = distributed_sweep(p, "layer_sweep", pairs, **kw)
     np.testing.assert_allclose(got.raw, want.raw, rtol=0, atol=1e-4)
     assert np.nanmax(np.abs(got.mean - want.mean)) < 1e-3
+
+
+def _floats(x: object) -> list[float]:
+    if isinstance(x, dict):
+        return [v for k in sorted(x) for v in _floats(x[k])]
+    if isinstance(x, list):
+        return [v for e in x for v in _floats(e)]
+    return [float(x)] if isinstance(x, (int, float)) and not isinstance(x, bool) else []
+
+
+def test_suite_option_workers_fans_out(pytester: pytest.Pytester, saved: Path, tmp_path: Path, monkeypatch):
+    """``pytest hypotheses/ --workers 2`` on a tiny model: the exact patching sweep (H2) and H1's random
+    controls run on a 2-worker Ray pool and give the serial run's verdicts and numbers (within 1e-4)."""
+    import json
+
+    from tests.test_report import ROOT, _small_prompt_file
+
+    prompts = _small_prompt_file(tmp_path / "prompts.csv")
+    runs = {}
+    for name, extra in (("serial", []), ("ray", ["--workers", "2"])):
+        monkeypatch.setenv("MECH_REPORTS_DIR", str(tmp_path / f"reports-{name}"))
+        result = pytester.runpytest_subprocess(
+            str(ROOT / "hypotheses"), "--rootdir", str(ROOT), "-c", str(ROOT / "pyproject.toml"),
+            "--model", str(saved), "--prompts", str(prompts), "--cache-dir", str(tmp_path / f"cache-{name}"),
+            "--max-new-tokens", "4", "-p", "no:cacheprovider", "-q", "--tb=line",
+            "-k", "localized_circuit or resid_patching", *extra, timeout=900)
+        outcomes = result.parseoutcomes()
+        assert "errors" not in outcomes and "error" not in outcomes, result.stdout.str()[-3000:]
+        runs[name] = json.loads((tmp_path / f"reports-{name}" / "findings.json").read_text())["findings"]
+    assert runs["ray"].keys() == runs["serial"].keys() and len(runs["ray"]) == 4
+    # the sweep really ran on the pool: its per-pair units sit in the cache (none in the serial run's)
+    assert list((tmp_path / "cache-ray").rglob("ray-sweep/*.json")) and not list((tmp_path / "cache-serial").rglob("ray-sweep"))
+    for nodeid, f in runs["serial"].items():
+        assert runs["ray"][nodeid]["verdict"] == f["verdict"], nodeid
+        np.testing.assert_allclose(_floats(runs["ray"][nodeid]["numbers"]), _floats(f["numbers"]), rtol=1e-4, atol=1e-4)
