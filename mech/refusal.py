@@ -115,19 +115,22 @@ def _eos_ids(lm: Any) -> set[int]:
 @torch.inference_mode()
 def _greedy_batch(
     lm: Any, enc: dict[str, Tensor], max_new_tokens: int, eos: set[int], keep_eos: bool = False
-) -> list[list[int]]:
+) -> tuple[list[list[int]], Tensor]:
     """Greedy decoding of one left-padded batch with a KV cache; finished rows (EOS) leave the batch.
 
     Dropping finished rows keeps every decode step's matmuls as small as the rows still running; the
     remaining rows see exactly the inputs they would see in the full batch (left padding, own positions).
+    Also returns the prompt's last-position logits ``[n, d_vocab]`` (float32, CPU) from the prefill.
     """
     model = lm.model
     n = enc["input_ids"].shape[0]
     out: list[list[int]] = [[] for _ in range(n)]
-    if max_new_tokens <= 0:
-        return out
     am, pos = enc["attention_mask"], enc["position_ids"]
-    res = model(input_ids=enc["input_ids"], attention_mask=am, position_ids=pos, use_cache=True, logits_to_keep=1)
+    res = model(input_ids=enc["input_ids"], attention_mask=am, position_ids=pos, use_cache=max_new_tokens > 0,
+                logits_to_keep=1)
+    first = res.logits[:, -1].float().cpu()
+    if max_new_tokens <= 0:
+        return out, first
     cache = res.cache
     alive = torch.arange(n)
     eos_t = torch.tensor(sorted(eos), dtype=torch.long) if eos else None
@@ -151,7 +154,7 @@ def _greedy_batch(
         pos = pos[:, -1:] + 1
         res = model(input_ids=nxt[:, None].to(am.device), attention_mask=am, position_ids=pos, cache=cache,
                     use_cache=True)
-    return out
+    return out, first
 
 
 def generate_ids(
@@ -162,22 +165,32 @@ def generate_ids(
     system: str | None = None,
     progress: bool = False,
     keep_eos: bool = False,
-) -> list[list[int]]:
+    return_logits: bool = False,
+) -> list[list[int]] | tuple[list[list[int]], Tensor]:
     """Greedy response token ids of each prompt, up to the first EOS (dropped, or kept with ``keep_eos``).
 
     Prompts are batched by length (less padding) and returned in input order. A row stops at the model's
     EOS token and leaves the batch; big batches matter on CPU, where a decode step of 16 rows costs nearly
-    as much as one of 64.
+    as much as one of 64. ``return_logits`` also returns each prompt's last-position logits ``[n, d_vocab]``
+    (float32, CPU), read off the prefill: the logit refusal score at no extra forward.
     """
     eos = _eos_ids(lm)
     enc_all = lm.encode_chat(list(prompts), system=system)
     order = sorted(range(len(prompts)), key=lambda i: (len(enc_all[i]), i))
     out: list[list[int]] = [[] for _ in prompts]
+    logits: Tensor | None = None
     for i in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress, leave=False):
         rows = order[i : i + batch_size]
         enc = pad_left([enc_all[r] for r in rows], lm.tokenizer.pad_token_id, lm.input_device)
-        for r, ids in zip(rows, _greedy_batch(lm, enc, max_new_tokens, eos, keep_eos), strict=True):
-            out[r] = ids
+        ids, first = _greedy_batch(lm, enc, max_new_tokens, eos, keep_eos)
+        for r, row_ids in zip(rows, ids, strict=True):
+            out[r] = row_ids
+        if return_logits:
+            if logits is None:
+                logits = torch.empty(len(prompts), first.shape[-1])
+            logits[torch.tensor(rows)] = first
+    if return_logits:
+        return out, logits if logits is not None else torch.empty(0, 0)
     return out
 
 
@@ -265,10 +278,9 @@ def measure(
     prompts: Sequence[str],
     refusal_ids: Sequence[int],
     max_new_tokens: int = 64,
-    batch_size: int = 16,
+    batch_size: int = 64,
     judges: Sequence[Judge] = (),
     progress: bool = False,
-    gen_batch_size: int = 64,
 ) -> list[dict[str, Any]]:
     """All refusal measures of each prompt, side by side.
 
@@ -277,8 +289,10 @@ def measure(
     :data:`REPORT_CHARS` characters (the full text is never kept).
     """
     detector = SubstringDetector()
-    scores = refusal_scores(lm, prompts, refusal_ids, batch_size=batch_size)
-    responses = generate(lm, prompts, max_new_tokens=max_new_tokens, batch_size=gen_batch_size, progress=progress)
+    ids, logits = generate_ids(lm, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                               progress=progress, return_logits=True)
+    scores = refusal_log_odds(logits, refusal_ids)  # the generation's prefill: no second forward
+    responses = lm.tokenizer.batch_decode(ids, skip_special_tokens=True)
     refused = detector(prompts, responses)
     extra = {j.name: j(prompts, responses) for j in judges}
     return [

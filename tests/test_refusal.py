@@ -15,6 +15,7 @@ from mech.refusal import (
     clip,
     derive_refusal_tokens,
     generate,
+    measure,
     normalize,
     refusal_log_odds,
     refusal_scores,
@@ -74,6 +75,19 @@ def test_batch_size_invariance_tiny(arch):
     s1 = refusal_scores(tiny, PROMPTS, [5, 9], batch_size=1)
     s4 = refusal_scores(tiny, PROMPTS, [5, 9], batch_size=4)
     torch.testing.assert_close(s1, s4, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("max_new", [0, 6])
+def test_measure_reads_the_score_off_the_generation_prefill(max_new):
+    """measure() takes the logit score from generation's own prefill: the same scores as a separate forward
+    (1e-5), the same completions as generate(), and nothing longer than the report limit."""
+    tiny = build_tiny_model("llama")
+    rows = measure(tiny, PROMPTS, [5, 9], max_new_tokens=max_new, batch_size=3)
+    torch.testing.assert_close(torch.tensor([r["score"] for r in rows]), refusal_scores(tiny, PROMPTS, [5, 9]),
+                               atol=1e-5, rtol=0)
+    assert [r["prompt"] for r in rows] == list(PROMPTS)
+    assert [r["response"] for r in rows] == [clip(t) for t in generate(tiny, PROMPTS, max_new_tokens=max_new)]
+    assert all(len(r["response"]) <= 200 for r in rows)
 
 
 def test_fallback_refusal_tokens_on_a_model_that_never_refuses():
