@@ -44,14 +44,11 @@ from mech.patching import (
     Work,
     _meta,
     _Plan,
-    _plan,
     _positions,
-    as_pairs,
+    _prepare,
     head_patches,
     layer_patches,
-    make_metric,
     neuron_patches,
-    normalize_direction,
     patch_sweep,
     reference_runs,
 )
@@ -247,17 +244,8 @@ def attribution_sweep(
     ``method="atp"`` whose ``raw`` is the clean metric plus the linear estimate. ``batch_rows``: pairs per
     gradient pass (fast path; one backward per chunk). ``method="auto"``: fast, or naive (hooks, one full
     forward and backward per pair) on a model sharded or offloaded by accelerate."""
-    direction = normalize_direction(direction)
-    pairs_t = as_pairs(pairs)
-    patches = list(patches)
-    if not patches:
-        raise PatchingError("no patches given")
-    met = make_metric(refusal_ids, metric)
-    if method not in ("fast", "naive", "auto"):
-        raise PatchingError(f"unknown method {method!r}; use auto, fast or naive")
-    if method == "auto":
-        method = "naive" if getattr(lm, "sharded", False) else "fast"
-    plan = _plan(lm, pairs_t, patches, direction, system, check_aligned)
+    direction, pairs_t, patches, met, method, plan = _prepare(
+        lm, pairs, patches, direction, refusal_ids, metric, method, system, check_aligned)
     t0 = time.perf_counter()
     est, clean, source, work = (_atp_fast if method == "fast" else _atp_naive)(lm, plan, met, batch_rows)
     packed = torch.cat([est.flatten(), clean, source]).detach().float().cpu().numpy()  # the one host sync

@@ -1205,6 +1205,25 @@ def _meta(
     }
 
 
+def _prepare(
+    lm: Any, pairs: Any, patches: Sequence[Patch], direction: str, refusal_ids: Sequence[int] | None,
+    metric: Metric | None, method: str, system: str | None, check_aligned: bool,
+) -> tuple[str, list[tuple[str, str]], list[Patch], Metric, str, _Plan]:
+    """Checks and normalizes a sweep's arguments (exact or AtP); ``method="auto"`` becomes ``fast``, or
+    ``naive`` on a model sharded or offloaded by accelerate."""
+    direction = normalize_direction(direction)
+    pairs_t = as_pairs(pairs)
+    patches = list(patches)
+    if not patches:
+        raise PatchingError("no patches given")
+    met = make_metric(refusal_ids, metric)
+    if method not in ("fast", "naive", "auto"):
+        raise PatchingError(f"unknown method {method!r}; use auto, fast or naive")
+    if method == "auto":
+        method = "naive" if getattr(lm, "sharded", False) else "fast"
+    return direction, pairs_t, patches, met, method, _plan(lm, pairs_t, patches, direction, system, check_aligned)
+
+
 def patch_sweep(
     lm: Any,
     pairs: Any,
@@ -1231,17 +1250,8 @@ def patch_sweep(
     devices or offloaded by accelerate, where hooks move activations to each layer's device). ``batch_rows``: rows per patched forward (fast).
     ``return_logits`` keeps the patched logits ``[n_pairs, n_patches, d_vocab]`` in ``result.logits``.
     """
-    direction = normalize_direction(direction)
-    pairs_t = as_pairs(pairs)
-    patches = list(patches)
-    if not patches:
-        raise PatchingError("no patches given")
-    met = make_metric(refusal_ids, metric)
-    if method not in ("fast", "naive", "auto"):
-        raise PatchingError(f"unknown method {method!r}; use auto, fast or naive")
-    if method == "auto":
-        method = "naive" if getattr(lm, "sharded", False) else "fast"
-    plan = _plan(lm, pairs_t, patches, direction, system, check_aligned)
+    direction, pairs_t, patches, met, method, plan = _prepare(
+        lm, pairs, patches, direction, refusal_ids, metric, method, system, check_aligned)
     t0 = time.perf_counter()
     with torch.inference_mode():
         if method == "fast":

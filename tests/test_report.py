@@ -149,3 +149,17 @@ def test_report_renders_in_a_real_browser():
     for name in _claim_functions():
         assert name in claims_text
     assert not [u for u in requests if u.startswith("http")], f"the report fetched {requests}"
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--workers", "0"], "--workers must be a positive integer, got '0'"),
+    (["--max-memory", "gpu=1GB"], "--max-memory: unknown device 'gpu'"),
+    (["--max-memory", "cpu=lots"], "--max-memory: bad size 'lots'"),
+    (["--device-map", "half"], "--device-map 'half' is not one of none, auto"),
+])
+def test_bad_scale_options_are_one_line_usage_errors(pytester: pytest.Pytester, args, msg):
+    result = pytester.runpytest_subprocess(str(ROOT / "hypotheses"), "--rootdir", str(ROOT), "-c",
+                                           str(ROOT / "pyproject.toml"), "-p", "no:cacheprovider", "--co", *args)
+    assert result.ret != 0
+    errors = [line for line in result.stderr.lines + result.stdout.lines if line.startswith("ERROR:")]
+    assert len(errors) == 1 and msg in errors[0], errors
