@@ -8,7 +8,8 @@ A prompt file is either
 * CSV with a header naming the columns ``prompt,label,category[,pair_id][,id]`` (any order; extra
   columns are ignored).
 
-Rows without an ``id`` get ``row-<n>`` (``n`` the 1-based data row). A ``pair_id`` joins exactly one
+A ``category`` is a lowercase identifier (``[a-z][a-z0-9_]*``, so ``pytest -k <category>`` selects it;
+``all`` is reserved for the pooled test). Rows without an ``id`` get ``row-<n>`` (``n`` the 1-based data row). A ``pair_id`` joins exactly one
 harmful and one harmless row (a matched contrastive pair); a pair_id with a single row is allowed
 and simply not returned by :meth:`PromptSet.pairs`.
 
@@ -28,12 +29,14 @@ import io
 import json
 import math
 import os
+import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "CATEGORY_PATTERN",
     "DATA_DIR",
     "LABELS",
     "MARKERS_SCHEMA",
@@ -41,6 +44,7 @@ __all__ = [
     "Prompt",
     "PromptFileError",
     "PromptSet",
+    "PromptSetCapabilities",
     "benign_alarming",
     "default_pairs",
     "load_prompts",
@@ -52,6 +56,9 @@ MARKERS_SCHEMA = "mech.markers/v1"
 LABELS: tuple[str, ...] = ("harmful", "harmless")
 _REQUIRED = ("prompt", "label", "category")
 _OPTIONAL = ("pair_id", "id")
+CATEGORY_PATTERN = r"[a-z][a-z0-9_]*"
+"""Category names are lowercase identifiers, so that ``pytest -k <category>`` selects exactly them."""
+_RESERVED_CATEGORIES = ("all",)  # "all" is the id of the pooled (every-category) test
 
 
 def _default_data_dir() -> Path:
@@ -135,6 +142,36 @@ class Prompt:
             "label": self.label,
             "category": self.category,
             "pair_id": self.pair_id,
+        }
+
+
+@dataclass(frozen=True)
+class PromptSetCapabilities:
+    """What a prompt set can support, as counts (see :meth:`PromptSet.capabilities`).
+
+    Attributes:
+        n_prompts / n_harmful / n_harmless: rows in all / labelled harmful / labelled harmless.
+        n_pairs: matched (harmful, harmless) pairs (:meth:`PromptSet.pairs`).
+        harmful_by_category: harmful rows per category (categories with none are absent).
+        pairs_by_category: matched pairs per category (a pair's category is its harmful member's).
+    """
+
+    n_prompts: int
+    n_harmful: int
+    n_harmless: int
+    n_pairs: int
+    harmful_by_category: dict[str, int] = field(default_factory=dict)
+    pairs_by_category: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict of the counts."""
+        return {
+            "n_prompts": self.n_prompts,
+            "n_harmful": self.n_harmful,
+            "n_harmless": self.n_harmless,
+            "n_pairs": self.n_pairs,
+            "harmful_by_category": dict(self.harmful_by_category),
+            "pairs_by_category": dict(self.pairs_by_category),
         }
 
 
@@ -231,6 +268,28 @@ class PromptSet:
             for pid, members in sorted(groups.items())
             if "harmful" in members and "harmless" in members
         ]
+
+    def capabilities(self) -> PromptSetCapabilities:
+        """Counts that say which analyses this set can support: harmful and harmless rows, matched pairs,
+        harmful rows and pairs per category (sorted by category). E.g. a claim that patches pairs cannot
+        run with ``n_pairs == 0``; a per-category claim needs enough ``pairs_by_category[c]``."""
+        harmful: dict[str, int] = {}
+        for p in self.prompts:
+            if p.label == "harmful":
+                harmful[p.category] = harmful.get(p.category, 0) + 1
+        pairs: dict[str, int] = {}
+        pair_list = self.pairs()
+        for h, _ in pair_list:
+            pairs[h.category] = pairs.get(h.category, 0) + 1
+        n_harmful = sum(harmful.values())
+        return PromptSetCapabilities(
+            n_prompts=len(self.prompts),
+            n_harmful=n_harmful,
+            n_harmless=len(self.prompts) - n_harmful,
+            n_pairs=len(pair_list),
+            harmful_by_category=dict(sorted(harmful.items())),
+            pairs_by_category=dict(sorted(pairs.items())),
+        )
 
     def texts(self) -> list[str]:
         """The prompt strings, in order."""
@@ -360,10 +419,16 @@ def _csv_rows(path: Path, text: str) -> list[dict[str, Any]]:
     columns = [h.strip().lower() for h in header]
     missing = [c for c in _REQUIRED if c not in columns]
     if missing:
+        fix = "the header must name prompt,label,category and optionally pair_id,id"
+        other = [(d, name) for d, name in ((";", "semicolons (;)"), ("\t", "tabs"), ("|", "bars (|)"))
+                 if any(d in c for c in columns)]
+        if other:
+            fix = (f"the file looks delimited by {other[0][1]}, but a prompt CSV is comma-separated: save it "
+                   "with commas (e.g. export as 'CSV UTF-8 (comma delimited)') or as JSON")
         raise _error(
             path,
             f"missing required column(s) {', '.join(missing)} (header has {', '.join(map(repr, columns))})",
-            "the header must name prompt,label,category and optionally pair_id,id",
+            fix,
             where="header",
         )
     rows: list[dict[str, Any]] = []
@@ -415,6 +480,32 @@ def _row_string(path: Path, row: dict[str, Any], key: str, n: int, *, required: 
     return str(value)
 
 
+def _category_suggestion(category: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "_", category.lower()).strip("_")
+    if not slug or not slug[0].isalpha():
+        slug = f"c_{slug}".rstrip("_")
+    return slug if slug not in _RESERVED_CATEGORIES else f"{slug}_prompts"
+
+
+def _check_category(path: Path, category: str, n: int) -> None:
+    """Categories are test ids (``pytest -k <category>``): lowercase identifiers, never a reserved name."""
+    if category in _RESERVED_CATEGORIES:
+        raise _error(
+            path,
+            f"category {category!r} is reserved (it is the id of the pooled test over every category)",
+            f"rename the category, e.g. to {_category_suggestion(category)!r}",
+            row=n,
+        )
+    if not re.fullmatch(CATEGORY_PATTERN, category):
+        raise _error(
+            path,
+            f"category {_snippet(category)} cannot be selected with pytest -k",
+            f"use a lowercase identifier (letters, digits, _; starting with a letter) such as "
+            f"{_category_suggestion(category)!r}",
+            row=n,
+        )
+
+
 def _build(path: Path, name: str, raw_rows: list[Any]) -> PromptSet:
     if not raw_rows:
         raise _error(path, "no prompts in the file", "add at least one row with prompt,label,category")
@@ -443,6 +534,7 @@ def _build(path: Path, name: str, raw_rows: list[Any]) -> PromptSet:
         category = (_row_string(path, row, "category", n, required=True) or "").strip()
         if not category:
             raise _error(path, "empty category", "give the row a category such as 'cybercrime'", row=n)
+        _check_category(path, category, n)
         pair_id = (_row_string(path, row, "pair_id", n, required=False) or "").strip() or None
         pid = (_row_string(path, row, "id", n, required=False) or "").strip() or f"row-{n}"
         if pid in seen_ids:
