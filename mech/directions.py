@@ -32,6 +32,8 @@ KL, CE, benign-but-alarming set, optional generations).
 from __future__ import annotations
 
 import json
+import math
+import operator
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -49,6 +51,7 @@ from mech.stats import jsonable
 __all__ = [
     "CandidateScore",
     "DiffInMeans",
+    "DirectionError",
     "DirectionSelection",
     "activation_addition",
     "diff_in_means",
@@ -141,11 +144,44 @@ def diff_in_means(
 # -------------------------------------------------------------------------------------- interventions
 
 
-def _unit(direction: Tensor) -> Tensor:
-    r = direction.detach().double().cpu().flatten()
+class DirectionError(ValueError):
+    """A direction or steering vector that cannot be applied to this model (wrong width, NaN/inf, zero)."""
+
+
+def _vector(lm: Any, vector: Any, what: str) -> Tensor:
+    """``vector`` as a float64 CPU ``[d_model]`` tensor, checked before any hook is attached: one line of
+    :class:`DirectionError` for a non-vector, a wrong width or non-finite values."""
+    if not isinstance(vector, Tensor):
+        try:
+            vector = torch.as_tensor(np.asarray(vector, dtype=np.float64))
+        except (TypeError, ValueError):
+            raise DirectionError(f"the {what} must be a tensor of d_model numbers, got a {type(vector).__name__}") from None
+    d_model = lm.shape.d_model
+    v = vector.detach()
+    if v.dim() > 1 and sum(n != 1 for n in v.shape) <= 1:
+        v = v.flatten()  # [1, d_model] and the like
+    if v.dim() != 1 or v.numel() != d_model:
+        raise DirectionError(
+            f"the {what} has shape {list(vector.shape)} but this model's residual stream has d_model={d_model}; "
+            f"pass a [{d_model}] vector (e.g. DiffInMeans.vector(layer, pos) of this model)"
+        )
+    if v.is_complex() or not (v.is_floating_point() or v.dtype in (torch.int32, torch.int64)):
+        raise DirectionError(f"the {what} must be real numbers, got dtype {v.dtype}")
+    v = v.double().cpu()
+    bad = ~torch.isfinite(v)
+    if bool(bad.any()):
+        raise DirectionError(
+            f"the {what} has {int(bad.sum())} non-finite value(s) (NaN or inf, first at index "
+            f"{int(bad.nonzero()[0])}); recompute it (a NaN usually means an empty prompt group in diff_in_means)"
+        )
+    return v
+
+
+def _unit(direction: Tensor, lm: Any = None) -> Tensor:
+    r = _vector(lm, direction, "direction") if lm is not None else direction.detach().double().cpu().flatten()
     n = r.norm()
     if not torch.isfinite(n) or n == 0:
-        raise ValueError("the direction must be a finite non-zero vector")
+        raise DirectionError("the direction must be a finite non-zero vector")
     return r / n
 
 
@@ -167,7 +203,7 @@ class _Cast:
 def directional_ablation(lm: Any, direction: Tensor) -> Iterator[None]:
     """Project ``direction`` (normalized here) out of ``resid_pre`` of every layer and ``attn_out`` /
     ``mlp_out`` of every block, at every position, for the duration of the block."""
-    r = _Cast(_unit(direction))
+    r = _Cast(_unit(direction, lm))
 
     def project(x: Tensor, hook: HookPoint) -> Tensor:  # x: [batch, pos, d_model]
         rr = r.to(x)
@@ -181,7 +217,20 @@ def directional_ablation(lm: Any, direction: Tensor) -> Iterator[None]:
 @contextmanager
 def activation_addition(lm: Any, vector: Tensor, layer: int, coeff: float = 1.0) -> Iterator[None]:
     """Add ``coeff * vector`` (not normalized) to ``blocks.{layer}.hook_resid_pre`` at every position."""
-    v = _Cast(vector.detach().double().cpu().flatten() * coeff)
+    try:
+        ok = not isinstance(coeff, bool) and math.isfinite(float(coeff))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise DirectionError(f"coeff must be a finite number, got {coeff!r}")
+    n_layers = lm.shape.n_layers
+    try:
+        layer = operator.index(layer)
+    except TypeError:
+        raise DirectionError(f"layer must be an integer layer index, got {layer!r}") from None
+    if not 0 <= layer < n_layers:
+        raise DirectionError(f"layer {layer} out of range: the model has {n_layers} layers (0..{n_layers - 1})")
+    v = _Cast(_vector(lm, vector, "steering vector") * coeff)
 
     def add(x: Tensor, hook: HookPoint) -> Tensor:  # x: [batch, pos, d_model]
         return x + v.to(x)
@@ -236,7 +285,7 @@ def orthogonalized_weights(lm: Any, direction: Tensor) -> Iterator[None]:
     (computed in float64, cast back). New parameter tensors are swapped in; the original parameter objects
     are untouched and swapped back on exit, also on error. Equivalent to :func:`directional_ablation`.
     """
-    r = _unit(direction)
+    r = _unit(direction, lm)
     targets = _orth_targets(lm)
     for module, name, _ in targets:
         p = getattr(module, name)

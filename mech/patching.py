@@ -59,7 +59,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mech.hooks import HookFn, HookPoint, decoder_layers, hook_name, hooks, run_with_cache
-from mech.refusal import refusal_log_odds
+from mech.refusal import RefusalIdsError, check_refusal_ids, refusal_log_odds, vocab_size
 
 log = logging.getLogger(__name__)
 
@@ -517,20 +517,57 @@ class Work:
 # --------------------------------------------------------------------------------------------- inputs
 
 
+_PAIRS_FIX = "pass a list of (harmful, harmless) tuples, e.g. [(harmful_text, harmless_text)] or prompt_set.pairs()"
+
+
+def _pair_text(x: Any, where: str) -> str:
+    text = x if isinstance(x, str) else getattr(x, "prompt", None)
+    if not isinstance(text, str):
+        raise PatchingError(f"{where} is a {type(x).__name__}, not a prompt text or Prompt; {_PAIRS_FIX}")
+    if not text.strip():
+        raise PatchingError(f"{where} is an empty prompt; {_PAIRS_FIX}")
+    return text
+
+
 def as_pairs(pairs: Any) -> list[tuple[str, str]]:
     """``(harmful, harmless)`` text pairs from tuples of strings or of :class:`~mech.prompts.Prompt`, or dicts with
-    ``harmful``/``harmless`` keys (the workload file's format)."""
+    ``harmful``/``harmless`` keys (the workload file's format).
 
-    def text(x: Any) -> str:
-        return x if isinstance(x, str) else getattr(x, "prompt", None) or str(x)
-
+    Raises :class:`PatchingError` (one line) for anything else, e.g. one pair passed as two bare strings
+    (``("harmful", "harmless")`` instead of ``[("harmful", "harmless")]``), a PromptSet instead of its
+    ``.pairs()``, a tuple of other than two items, or Prompts whose labels are the wrong way round."""
+    if pairs is None or isinstance(pairs, (str, bytes, Mapping)):
+        what = "one string" if isinstance(pairs, (str, bytes)) else (
+            "one dict (a single pair?)" if isinstance(pairs, Mapping) else "None")
+        raise PatchingError(f"pairs is {what}, not a list of pairs; {_PAIRS_FIX}")
+    try:
+        items = list(pairs)
+    except TypeError:
+        raise PatchingError(f"pairs is a {type(pairs).__name__}, not a list of pairs; {_PAIRS_FIX}") from None
     out = []
-    for p in pairs:
+    for i, p in enumerate(items):
         if isinstance(p, Mapping):
-            out.append((text(p["harmful"]), text(p["harmless"])))
-        else:
+            missing = [k for k in ("harmful", "harmless") if k not in p]
+            if missing:
+                raise PatchingError(f"pairs[{i}] has no {' or '.join(repr(k) for k in missing)} key; {_PAIRS_FIX}")
+            a, b = p["harmful"], p["harmless"]
+        elif isinstance(p, (str, bytes)):
+            hint = (" (one pair of two strings? wrap it in a list: [(harmful, harmless)])"
+                    if len(items) == 2 and all(isinstance(x, str) for x in items) else "")
+            raise PatchingError(f"pairs[{i}] is a string, not a (harmful, harmless) pair{hint}; {_PAIRS_FIX}")
+        elif isinstance(p, (tuple, list)):
+            if len(p) != 2:
+                raise PatchingError(f"pairs[{i}] has {len(p)} items, not 2 (harmful, harmless); {_PAIRS_FIX}")
             a, b = p
-            out.append((text(a), text(b)))
+        else:
+            raise PatchingError(f"pairs[{i}] is a {type(p).__name__}, not a (harmful, harmless) pair; {_PAIRS_FIX}")
+        la, lb = getattr(a, "label", None), getattr(b, "label", None)
+        if (la, lb) == ("harmless", "harmful"):
+            raise PatchingError(
+                f"pairs[{i}] is ({la}, {lb}); the order is (harmful, harmless): swap the two (prompt_set.pairs() "
+                "returns them in that order)"
+            )
+        out.append((_pair_text(a, f"pairs[{i}][0]"), _pair_text(b, f"pairs[{i}][1]")))
     if not out:
         raise PatchingError("no pairs given; pass at least one (harmful, harmless) pair")
     return out
@@ -556,12 +593,53 @@ class RefusalMetric:
 Metric = Callable[[Tensor], Tensor]  # logits [B, d_vocab] -> [B]
 
 
-def make_metric(refusal_ids: Sequence[int] | None, metric: Metric | None) -> Metric:
+def make_metric(refusal_ids: Sequence[int] | None, metric: Metric | None, d_vocab: int | None = None) -> Metric:
+    """``metric`` if given, else the refusal log-odds of ``refusal_ids`` (checked: non-empty, integers, each
+    below ``d_vocab`` when given; :class:`PatchingError` otherwise)."""
     if metric is not None:
+        if not callable(metric):
+            raise PatchingError(f"metric must be a callable logits [B, d_vocab] -> [B], got a {type(metric).__name__}")
         return metric
     if refusal_ids is None:
         raise PatchingError("pass refusal_ids= (e.g. the refusal_tokens fixture's ids) or a metric= callable")
-    return RefusalMetric(tuple(int(i) for i in refusal_ids))
+    try:
+        return RefusalMetric(check_refusal_ids(refusal_ids, d_vocab))
+    except RefusalIdsError as e:
+        raise PatchingError(str(e)) from None
+
+
+def _logits_device(lm: Any) -> torch.device:
+    head = lm.model.get_output_embeddings()
+    dev = head.weight.device if head is not None else torch.device("cpu")
+    return torch.device("cpu") if dev.type == "meta" else dev
+
+
+def check_metric(lm: Any, metric: Metric, d_vocab: int | None = None) -> None:
+    """Call ``metric`` once on zero logits ``[2, d_vocab]`` (no forward) and check it returns one value per
+    row, ``[2]``: a metric of the wrong shape is a one-line :class:`PatchingError` before the sweep starts."""
+    if isinstance(metric, RefusalMetric):
+        return
+    d_vocab = d_vocab or vocab_size(lm)
+    if not d_vocab:
+        return
+    name = _metric_name(metric)
+    try:
+        with torch.no_grad():
+            out = metric(torch.zeros(2, d_vocab, device=_logits_device(lm)))
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise PatchingError(
+            f"metric {name!r} failed on logits of shape [2, {d_vocab}] ({type(e).__name__}: {first}); a metric "
+            "maps last-position logits [B, d_vocab] to one value per row, shape [B]"
+        ) from e
+    if not isinstance(out, Tensor):
+        raise PatchingError(f"metric {name!r} returned a {type(out).__name__}, expected a tensor of shape [B] "
+                            "(one value per row of logits [B, d_vocab])")
+    if tuple(out.shape) != (2,):
+        raise PatchingError(
+            f"metric {name!r} returned shape {list(out.shape)} for logits [2, {d_vocab}]; expected [2]: one value "
+            "per row (reduce over the vocabulary, not over the batch)"
+        )
 
 
 def _metric_name(metric: Metric) -> str:
@@ -1216,7 +1294,9 @@ def _prepare(
     patches = list(patches)
     if not patches:
         raise PatchingError("no patches given")
-    met = make_metric(refusal_ids, metric)
+    d_vocab = vocab_size(lm)
+    met = make_metric(refusal_ids, metric, d_vocab)
+    check_metric(lm, met, d_vocab)
     if method not in ("fast", "naive", "auto"):
         raise PatchingError(f"unknown method {method!r}; use auto, fast or naive")
     if method == "auto":

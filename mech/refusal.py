@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -70,12 +71,60 @@ class SubstringDetector:
 # --------------------------------------------------------------------------------------------- scores
 
 
+class RefusalIdsError(ValueError):
+    """Refusal token ids that no score can be computed from (none, not integers, or outside the vocabulary)."""
+
+
+def check_refusal_ids(refusal_ids: Any, d_vocab: int | None = None) -> tuple[int, ...]:
+    """``refusal_ids`` as a tuple of ints, checked: at least one, integers, each in ``0..d_vocab-1`` (when
+    ``d_vocab`` is given). Raises :class:`RefusalIdsError` (one line) otherwise."""
+    fix = "pass the ids of the refusal's first tokens, e.g. the refusal_tokens fixture's .ids"
+    if refusal_ids is None or isinstance(refusal_ids, (str, bytes)):
+        raise RefusalIdsError(f"refusal_ids must be a sequence of token ids, got {refusal_ids!r}; {fix}")
+    if isinstance(refusal_ids, Tensor):
+        if refusal_ids.is_floating_point() or refusal_ids.is_complex() or refusal_ids.dtype == torch.bool:
+            raise RefusalIdsError(f"refusal_ids must be integer token ids, got a {refusal_ids.dtype} tensor; {fix}")
+        refusal_ids = refusal_ids.flatten().tolist()
+    try:
+        raw = list(refusal_ids)
+    except TypeError:
+        raise RefusalIdsError(f"refusal_ids must be a sequence of token ids, got {refusal_ids!r}; {fix}") from None
+    if not raw:
+        raise RefusalIdsError(f"refusal_ids is empty: the refusal log-odds would be -inf for every prompt; {fix}")
+    ids = []
+    for i in raw:
+        if isinstance(i, Tensor) and i.numel() == 1:
+            i = i.item()
+        if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
+            raise RefusalIdsError(f"refusal_ids must be integer token ids, got {i!r}; {fix}")
+        ids.append(int(i))
+    if d_vocab is not None:
+        bad = [i for i in ids if not 0 <= i < d_vocab]
+        if bad:
+            raise RefusalIdsError(
+                f"refusal id(s) {', '.join(map(str, bad[:5]))} outside the vocabulary (0..{d_vocab - 1}); "
+                "derive the ids with this model's tokenizer (derive_refusal_tokens)"
+            )
+    return tuple(ids)
+
+
+def vocab_size(lm: Any) -> int | None:
+    """The width of ``lm``'s logits (its unembedding's rows), or ``None`` when it cannot be told."""
+    head = getattr(getattr(lm, "model", None), "get_output_embeddings", lambda: None)()
+    w = getattr(head, "weight", None)
+    if w is not None and w.dim() == 2 and not getattr(w, "quant_state", None):
+        return int(w.shape[0])
+    shape = getattr(lm, "shape", None)
+    return getattr(shape, "d_vocab", None)
+
+
 def refusal_log_odds(logits: Tensor, refusal_ids: Sequence[int] | Tensor) -> Tensor:
     """Log-odds that the next token is in ``refusal_ids``: ``r - log(1 - exp(r))`` with ``r = log P(ids)``.
 
     ``logits``: ``[..., d_vocab]`` at the position the metric reads; returns ``[...]`` in float32.
+    Raises :class:`RefusalIdsError` for empty ids or ids outside ``0..d_vocab-1``.
     """
-    ids = torch.as_tensor(refusal_ids, device=logits.device, dtype=torch.long)
+    ids = torch.as_tensor(check_refusal_ids(refusal_ids, logits.shape[-1]), device=logits.device, dtype=torch.long)
     lp = logits.float().log_softmax(-1)
     r = lp.index_select(-1, ids).logsumexp(-1)
     r = r.clamp(max=-1e-7)  # keep log(1 - p) finite when p rounds to 1
@@ -96,7 +145,8 @@ def last_logits(lm: Any, prompts: Sequence[str], batch_size: int = 16, system: s
 def refusal_scores(
     lm: Any, prompts: Sequence[str], refusal_ids: Sequence[int], batch_size: int = 16, system: str | None = None
 ) -> Tensor:
-    """The logit refusal score of each prompt, ``[n]`` float32 (CPU)."""
+    """The logit refusal score of each prompt, ``[n]`` float32 (CPU). Bad ids raise before any forward."""
+    check_refusal_ids(refusal_ids, vocab_size(lm))
     return refusal_log_odds(last_logits(lm, prompts, batch_size, system), refusal_ids)
 
 
@@ -288,6 +338,7 @@ def measure(
     of ``max_new_tokens``), one boolean per extra judge under its name, and ``response`` clipped to
     :data:`REPORT_CHARS` characters (the full text is never kept).
     """
+    check_refusal_ids(refusal_ids, vocab_size(lm))  # before any forward
     detector = SubstringDetector()
     ids, logits = generate_ids(lm, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                progress=progress, return_logits=True)
