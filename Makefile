@@ -34,7 +34,7 @@ model: $(STAMP)
 	$(BIN)/python -m mech prepare $(MODEL)
 
 hypotheses: setup
-	$(BIN)/python -m pytest hypotheses/ $(PYTEST_ARGS)
+	$(BIN)/python -m pytest hypotheses/ --verdict-exit $(PYTEST_ARGS)
 
 test: setup
 	$(BIN)/python -m pytest tests/ $(PYTEST_ARGS)

@@ -13,7 +13,11 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["fixtures.options", "fixtures.model", "fixtures.tiny_models", "fixtures.report", "fixtures.sweeps", "pytester"]
+pytest_plugins = [
+    "fixtures.options", "fixtures.config", "fixtures.model", "fixtures.tiny_models", "fixtures.report",
+    "fixtures.common", "fixtures.h1_circuit", "fixtures.h2_hierarchy", "fixtures.h3_substrate", "fixtures.h4_direction",
+    "pytester",
+]
 
 ROOT = Path(__file__).resolve().parent
 
@@ -26,6 +30,7 @@ MARKERS = {
     "layer_hierarchy": "claim family H2: detection early, refusal written late",
     "shared_substrate": "claim family H3: the same components serve every harm category",
     "single_direction": "claim family H4: refusal is mediated by one residual direction",
+    "primary": "the pre-specified primary claim of its hypothesis (Holm-corrected across hypotheses)",
 }
 
 
@@ -37,7 +42,10 @@ def pytest_configure(config: pytest.Config) -> None:
     args = [str(a) for a in config.args]
     if any(Path(a.split("::")[0]).resolve().is_relative_to(ROOT / "hypotheses") for a in args if a):
         if hasattr(config.option, "htmlpath") and not config.option.htmlpath:
-            config.option.htmlpath = str(Path(os.environ.get("MECH_REPORTS_DIR", ROOT / "reports")) / "hypotheses.html")
+            # written under a temporary name, then moved to hypotheses.html (a complete run) or
+            # hypotheses.partial.html (anything less) by fixtures/report.py, so a partial run never overwrites
+            # the last complete report
+            config.option.htmlpath = str(Path(os.environ.get("MECH_REPORTS_DIR", ROOT / "reports")) / ".hypotheses.inprogress.html")
             config.option.self_contained_html = True
 
 

@@ -40,10 +40,22 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "category" in metafunc.fixturenames:
         cats = list(metafunc.config.stash[_CATS])
-        if metafunc.module.__name__.endswith("test_baseline"):  # baseline claims also pool all categories
-            cats = ["all", *cats]
         metafunc.parametrize("category", cats, ids=cats)
     if "late_layer" in metafunc.fixturenames:
         n = metafunc.config.stash[_LAYERS]
         layers = list(range(n // 3, n))
         metafunc.parametrize("late_layer", layers, ids=[f"layer{L}" for L in layers])
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Report order: baseline, H1, H2, H3, H4; each hypothesis's primary claim first."""
+    from fixtures.report import HYPOTHESES
+
+    order = list(HYPOTHESES)
+
+    def key(ix: tuple[int, pytest.Item]) -> tuple:
+        i, item = ix
+        fam = next((k for k, m in enumerate(order) if item.get_closest_marker(m)), len(order))
+        return (fam, item.get_closest_marker("primary") is None, i)
+
+    items[:] = [it for _, it in sorted(enumerate(items), key=key)]

@@ -1,9 +1,9 @@
 """H2 — a layer hierarchy: harmfulness is read early, moved to the post-instruction positions in the middle,
 and the late blocks write the refusal.
 
-Made operational as three measurable claims (each parametrized or reported per layer, ``-k layer12``):
-early linear decodability, where patching the residual stream starts to transfer refusal, and where the
-direct effect on the refusal logits sits.
+The primary: early linear decodability of harmfulness (layer chosen on validation, judged on test against
+shuffled-label probes). Exploratory: decodability per late layer (``-k layer12``), where patching the residual
+stream starts to transfer refusal, and where the direct effect on the refusal logits sits.
 """
 
 from __future__ import annotations
@@ -13,48 +13,90 @@ import pytest
 
 from mech import plots
 from mech.patching import PatchResult
+from mech.stats import (
+    adjust_pvalues,
+    binomial_detectable_rate,
+    binomial_pvalue,
+    binomial_rate,
+    bootstrap_ci,
+    null_detectable_shift,
+    permutation_pvalue,
+)
 
 pytestmark = [pytest.mark.layer_hierarchy, pytest.mark.realmodel, pytest.mark.slow]
 
-PROBE_MIN = 0.90
-RISE_LEVEL = 0.5
-LATE_SHARE_MIN = 0.5
 
-
-def test_harmfulness_decodable_early(layer_probe, lm, claim):
-    """Harmfulness is linearly decodable early: a difference-in-means probe at the last prompt position
-    reaches held-out accuracy ≥ 0.90 at some layer within the first third of the depth."""
-    acc = layer_probe["accuracy"]
+@pytest.mark.primary
+def test_harmfulness_decodable_early(layer_probe, lm, suite, claim):
+    """PRIMARY. Harmfulness is linearly decodable within the first third of the depth: at the early layer with
+    the best validation accuracy, a difference-in-means probe (fit on train pairs, last prompt position) beats
+    shuffled-label probes on the test pairs (Monte-Carlo p < alpha). Effect: accuracy − shuffled mean, with the
+    Clopper–Pearson 95% CI."""
     third = max(1, lm.shape.n_layers // 3)
-    best = max(range(third), key=lambda L: acc[L])
-    claim.record(best_early_layer=best, best_early_accuracy=acc[best], first_third=third, accuracy_by_layer=acc,
-                 threshold=PROBE_MIN, n_test_pairs=layer_probe["n_test_pairs"])
-    claim.figure(plots.curve(list(range(len(acc))), {"held-out accuracy": acc}, "Linear probe for harmfulness by layer",
-                             "layer", "accuracy"), "Probe accuracy by layer")
-    assert acc[best] >= PROBE_MIN, f"best accuracy in layers 0..{third - 1} is {acc[best]:.2f} (layer {best}) < {PROBE_MIN}"
-
-
-def test_harmfulness_stays_decodable(layer_probe, late_layer, claim):
-    """Once read, harmfulness stays linearly decodable: held-out probe accuracy ≥ 0.90 at this layer
-    (every layer from one third of the depth on)."""
-    acc = layer_probe["accuracy"][late_layer]
-    claim.record(layer=late_layer, accuracy=acc, threshold=PROBE_MIN)
-    assert acc >= PROBE_MIN, f"layer {late_layer}: held-out probe accuracy {acc:.2f} < {PROBE_MIN}"
-
-
-def test_resid_patching_rises_in_middle_band(layer_patching, head_patching, lm, claim):
-    """Patching the harmful residual stream (resid_pre, post-instruction positions) into the harmless run
-    starts to transfer refusal in the middle band: the first layer whose mean normalized effect reaches 0.5
-    lies in [n/4, 3n/4)."""
-    res = PatchResult.from_dict(layer_patching)
-    grid = res.as_array("layer", "component", where={"position": "all"})  # [n_layers, 3]
-    comps = res.axis("component")
-    resid = grid[:, comps.index("resid_pre")]
+    val = layer_probe["val_accuracy"]
+    L = max(range(third), key=lambda i: (val[i], -i))
+    correct = [row[L] for row in layer_probe["test_correct"]]
+    acc = binomial_rate(correct)
+    null = np.array(layer_probe["null_accuracy"])[:, L]
+    test = permutation_pvalue(acc.rate, null, alternative="greater")
+    claim.result(statistic=acc.rate, p_value=test.p_value, effect=acc.rate - null.mean(),
+                 ci=[acc.low - null.mean(), acc.high - null.mean()], n=acc.n,
+                 mde=null_detectable_shift(null, suite.alpha, "greater"), test="Monte-Carlo permutation, one-sided",
+                 null=f"{len(null)} probes fit on shuffled train labels")
+    claim.record(layer=L, chosen_on="validation", first_third=third, val_accuracy=val[L],
+                 shuffled_mean=float(null.mean()))
+    claim.uses(layer_probe)
     n = lm.shape.n_layers
-    above = [L for L in range(n) if np.isfinite(resid[L]) and resid[L] >= RISE_LEVEL]
-    first = above[0] if above else None
-    claim.record(first_layer_reaching_half=first, band=[n // 4, (3 * n) // 4], resid_effect_by_layer=resid.tolist(),
-                 peak_layer=int(np.nanargmax(resid)), n_pairs=res.n_pairs)
+    claim.figure(plots.curve(list(range(n)), {"test accuracy": layer_probe["test_accuracy"], "validation accuracy": val,
+                                              "shuffled labels (mean)": np.array(layer_probe["null_accuracy"]).mean(0).tolist()},
+                             "Linear probe for harmfulness by layer", "layer", "accuracy"), "Probe accuracy by layer")
+    assert test.p_value < suite.alpha, f"layer {L}: test accuracy {acc.rate:.2f} vs shuffled {null.mean():.2f}, p = {test.p_value:.3g}"
+
+
+def test_harmfulness_stays_decodable(layer_probe, late_layer, lm, suite, claim):
+    """Exploratory. Harmfulness stays linearly decodable at this layer (every layer from a third of the depth on):
+    test accuracy > 0.90 (exact one-sided binomial, Holm across these layers, p < alpha)."""
+    n = lm.shape.n_layers
+    layers = list(range(n // 3, n))
+    ps = []
+    for L in layers:
+        c = [row[L] for row in layer_probe["test_correct"]]
+        ps.append(binomial_pvalue(sum(c), len(c), suite.probe_min, "greater"))
+    adj = adjust_pvalues(ps, "holm", suite.alpha).adjusted[layers.index(late_layer)]
+    c = [row[late_layer] for row in layer_probe["test_correct"]]
+    acc = binomial_rate(c)
+    claim.result(statistic=acc.rate, p_value=ps[layers.index(late_layer)], effect=acc.rate - suite.probe_min,
+                 ci=[acc.low - suite.probe_min, acc.high - suite.probe_min], n=acc.n, threshold=suite.probe_min,
+                 mde=binomial_detectable_rate(acc.n, suite.probe_min, suite.alpha, "greater") - suite.probe_min,
+                 test="exact binomial, one-sided, Holm across late layers", null=f"accuracy ≤ {suite.probe_min}")
+    claim.record(layer=late_layer, p_holm_layers=adj)
+    claim.uses(layer_probe)
+    assert adj < suite.alpha, f"layer {late_layer}: test accuracy {acc.rate:.2f} (Holm p = {adj:.3g} against {suite.probe_min})"
+
+
+def _first_reaching(curve: np.ndarray, level: float) -> float:
+    above = np.nonzero(np.nan_to_num(curve, nan=-np.inf) >= level)[0]
+    return float(above[0]) if above.size else float("nan")
+
+
+def test_resid_patching_rises_in_middle_band(layer_patching, head_patching, lm, suite, claim):
+    """Exploratory. Patching the harmful residual stream (resid_pre, post-instruction positions) into the
+    harmless run starts to transfer refusal in the middle band: the first layer whose mean normalized effect
+    reaches 0.5 lies in [n/4, 3n/4), with its whole 95% bootstrap CI (over pairs) inside the band."""
+    res = PatchResult.from_dict(layer_patching)
+    comps = res.axis("component")
+    per_pair = res.as_array("layer", "component", per_pair=True, where={"position": "all"})[:, :, comps.index("resid_pre")]
+    n = lm.shape.n_layers
+    band = [n // 4, (3 * n) // 4]
+    first = _first_reaching(np.nanmean(per_pair, 0), suite.rise_level)
+    idx = np.arange(per_pair.shape[0])
+    lo, hi = bootstrap_ci(idx, lambda i: _first_reaching(np.nanmean(per_pair[i.astype(int)], 0), suite.rise_level),
+                          n_resamples=suite.n_bootstrap, seed=suite.split_seed)
+    claim.result(statistic=first, effect=first, ci=[lo, hi], n=per_pair.shape[0], threshold=band,
+                 test="first layer reaching the level, bootstrap CI over pairs", null="the CI must lie inside the band")
+    grid = res.as_array("layer", "component", where={"position": "all"})
+    claim.record(resid_effect_by_layer=np.nanmean(per_pair, 0).tolist())
+    claim.uses(layer_patching)
     claim.figure(plots.heatmap(grid.T, list(range(n)), comps, "Exact patching harmful → harmless (normalized effect)",
                                "layer", "component"), "Layer × component patching")
     hp = PatchResult.from_dict(head_patching)
@@ -62,19 +104,30 @@ def test_resid_patching_rises_in_middle_band(layer_patching, head_patching, lm, 
     claim.figure(plots.heatmap(hg, list(range(hg.shape[1])), list(range(hg.shape[0])),
                                "Exact head patching harmful → harmless (normalized effect)", "head", "layer"),
                  "Layer × head patching")
-    assert first is not None and n // 4 <= first < (3 * n) // 4, (
-        f"resid_pre effect first reaches {RISE_LEVEL} at layer {first}, outside [{n // 4}, {(3 * n) // 4})")
+    assert np.isfinite(lo) and np.isfinite(hi) and band[0] <= lo and hi < band[1], (
+        f"first layer reaching {suite.rise_level}: {first} (95% CI {lo}–{hi}), band [{band[0]}, {band[1]})")
 
 
-def test_late_blocks_write_refusal(layer_probe, lm, claim):
-    """The late layers' attention/MLP outputs carry the direct effect: the last third of the layers holds
-    ≥ 50% of the total |harmful − harmless| direct logit attribution to the refusal tokens."""
-    delta = np.abs(np.array(layer_probe["dla"]["delta"]))  # [n_layers, 2]
+def test_late_blocks_write_refusal(layer_probe, lm, suite, claim):
+    """Exploratory. The late layers' attention/MLP outputs carry the direct effect: the last third of the layers
+    holds ≥ 50% of the total |harmful − harmless| direct logit attribution to the refusal tokens (lower 95%
+    bootstrap bound over test pairs)."""
+    dla = layer_probe["dla"]
+    delta = np.array(dla["harmful_per_prompt"]) - np.array(dla["harmless_per_prompt"])  # [pairs, L, 2]
     n = lm.shape.n_layers
-    late = delta[n - n // 3 :].sum() / delta.sum()
-    claim.record(late_share=float(late), late_layers=[n - n // 3, n - 1], threshold=LATE_SHARE_MIN,
-                 dla_delta_attn=delta[:, 0].tolist(), dla_delta_mlp=delta[:, 1].tolist())
-    claim.figure(plots.heatmap(np.array(layer_probe["dla"]["delta"]).T, list(range(n)), ["attn", "mlp"],
+
+    def share(i):
+        m = np.abs(delta[i.astype(int)].mean(0))
+        return float(m[n - n // 3 :].sum() / m.sum())
+
+    idx = np.arange(delta.shape[0])
+    late = share(idx)
+    lo, hi = bootstrap_ci(idx, share, n_resamples=suite.n_bootstrap, seed=suite.split_seed)
+    claim.result(statistic=late, effect=late, ci=[lo, hi], n=len(idx), threshold=suite.late_share_min,
+                 test="share of |mean DLA difference|, bootstrap CI over pairs", null="the lower bound must reach the threshold")
+    claim.record(late_layers=[n - n // 3, n - 1])
+    claim.uses(layer_probe)
+    claim.figure(plots.heatmap(np.array(dla["delta"]).T, list(range(n)), ["attn", "mlp"],
                                "Direct logit attribution to refusal tokens, harmful − harmless", "layer", "block"),
                  "Direct effect by layer")
-    assert late >= LATE_SHARE_MIN, f"last third holds {late:.2f} of the direct effect < {LATE_SHARE_MIN}"
+    assert lo >= suite.late_share_min, f"last third holds {late:.2f} (95% CI {lo:.2f}–{hi:.2f}) < {suite.late_share_min}"

@@ -1,66 +1,98 @@
 """H1 — a localized refusal circuit: a small set of attention heads is *necessary* for refusal.
 
-Heads are ranked by attribution patching (harmless → harmful) on the train split; the top-k are
-mean-ablated (mean over harmless prompts) on held-out harmful prompts.
+Heads are ranked by attribution patching (harmless → harmful) on train pairs; the top k (5% of all heads) are
+mean-ablated (means over train harmless prompts) on every harmful test prompt. The matched null: random head
+sets with the same number of heads in each layer as the ranked set.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
+from fixtures.common import require
 from mech import plots
-from mech.stats import binomial_rate, mcnemar_exact
+from mech.stats import (
+    binomial_rate,
+    bootstrap_ci,
+    mcnemar_detectable_flips,
+    mcnemar_exact,
+    null_detectable_shift,
+    permutation_pvalue,
+)
 
 pytestmark = [pytest.mark.localized_circuit, pytest.mark.realmodel, pytest.mark.slow]
 
-PARAM_MAX = 0.05
-DROP_MIN_PP = 30.0
-ALPHA = 0.05
 
-
-def _point(circuit, k):
-    return next(p for p in circuit["cumulative"]["points"] if p["k"] == k)
-
-
-def test_top_heads_own_few_parameters(circuit_ablation, claim):
-    """The ablated top-k heads own < 5% of the model's parameters (all unique parameters, embeddings included)."""
-    p = _point(circuit_ablation, circuit_ablation["k"])
-    frac = p["param_fraction"]
-    claim.record(k=circuit_ablation["k"], param_fraction=frac, threshold=PARAM_MAX, heads=circuit_ablation["ranking"][: circuit_ablation["k"]])
-    assert frac < PARAM_MAX, f"top-{circuit_ablation['k']} heads own {frac:.3%} of parameters ≥ {PARAM_MAX:.0%}"
-
-
-def test_ablation_lowers_refusal_rate(circuit_ablation, claim):
-    """Mean-ablating the top-k heads lowers the harmful refusal rate (generation + substring detector) by
-    > 30 percentage points, paired per prompt (exact McNemar, one-sided p < 0.05)."""
-    before, after = circuit_ablation["refused_before"], circuit_ablation["refused_after"]
-    rb, ra = binomial_rate(before), binomial_rate(after)
-    mc = mcnemar_exact(before, after, alternative="greater")
-    drop_pp = 100 * (rb.rate - ra.rate)
-    claim.record(k=circuit_ablation["k"], rate_before=rb.rate, rate_after=ra.rate, ci95_after=[ra.low, ra.high],
-                 drop_pp=drop_pp, mcnemar_b=mc.b, mcnemar_c=mc.c, mcnemar_p=mc.p_value, n=rb.n)
-    assert drop_pp > DROP_MIN_PP and mc.p_value < ALPHA, (
-        f"refusal {rb.rate:.2f} → {ra.rate:.2f} ({drop_pp:.0f} pp, McNemar p={mc.p_value:.3g}); "
-        f"claim needs > {DROP_MIN_PP:.0f} pp and p < {ALPHA}")
-
-
-def test_ranked_heads_beat_random_heads(circuit_ablation, top_head_attention, claim):
-    """The top-k heads lower the mean harmful refusal score more than random sets of k heads (≥ 20 seeded
-    draws; permutation p < 0.05, one-sided)."""
-    cum = circuit_ablation["cumulative"]
-    p = _point(circuit_ablation, circuit_ablation["k"])
-    claim.record(k=p["k"], delta=p["delta"], random_mean_delta=sum(p["random_deltas"]) / len(p["random_deltas"]),
-                 p_value=p["p_value"], n_random=cum["n_random"], curve=cum["curve"])
-    xs = cum["curve"]["k"]
-    lo = [sorted(q["random_deltas"])[max(0, int(0.05 * len(q["random_deltas"])))] for q in cum["points"]]
-    hi = [sorted(q["random_deltas"])[min(len(q["random_deltas"]) - 1, int(0.95 * len(q["random_deltas"])))] for q in cum["points"]]
-    claim.figure(
-        plots.curve(xs, {"top-k AtP heads": cum["curve"]["delta"], "random heads (mean)": cum["curve"]["random_mean_delta"]},
-                    "Cumulative head ablation: change of the harmful refusal score", "k heads ablated",
-                    "Δ mean log-odds", band=(lo, hi)),
-        "Cumulative ablation curve with the random-control band",
-    )
-    claim.figure(plots.circuit(circuit_ablation["ranking"][: p["k"]]), "Circuit: the top-k heads by layer")
+@pytest.mark.primary
+def test_ranked_heads_beat_layer_matched_random(circuit_ablation, top_head_attention, suite, claim):
+    """PRIMARY. Mean-ablating the top-k attribution-ranked heads (k = 5% of heads) lowers the mean refusal score
+    of the harmful test prompts more than layer-matched random head sets of the same size (≥ 100 draws; one-sided
+    Monte-Carlo p < alpha). Effect: ranked Δ − mean random Δ (log-odds), 95% bootstrap CI over prompts."""
+    c = circuit_ablation
+    base, ranked, null = np.array(c["base"]), np.array(c["ranked"]), np.array(c["null_scores"])  # null [draws, n]
+    d_ranked = float((ranked - base).mean())
+    d_null = (null - base).mean(1)
+    test = permutation_pvalue(d_ranked, d_null, alternative="less")
+    per_prompt = ranked - null.mean(0)  # ranked minus the mean random set, per prompt
+    lo, hi = bootstrap_ci(per_prompt, n_resamples=suite.n_bootstrap, seed=suite.split_seed)
+    claim.result(statistic=d_ranked, p_value=test.p_value, effect=float(per_prompt.mean()), ci=[lo, hi],
+                 n=len(base), mde=null_detectable_shift(d_null, suite.alpha, "less"),
+                 test="Monte-Carlo permutation, one-sided", null=f"{len(d_null)} layer-matched random head sets of {c['k']}")
+    claim.record(k=c["k"], heads=c["heads"], random_mean_delta=float(d_null.mean()), param_fraction=c["param_fraction"],
+                 harmless_kl=c["kl"], ce_before=c["ce_before"], ce_after=c["ce_after"])
+    claim.uses(c)
+    ks = [p["k"] for p in c["curve"]]
+    claim.figure(plots.curve(ks, {"top-k AtP heads": [float(np.mean(p["ranked"]) - base.mean()) for p in c["curve"]],
+                                  "layer-matched random heads (mean)": [float(np.mean(p["random_mean"]) - base.mean())
+                                                                         for p in c["curve"]]},
+                             "Cumulative head ablation: change of the harmful refusal score", "k heads ablated",
+                             "Δ mean log-odds"), "Cumulative ablation curve")
+    claim.figure(plots.circuit(c["heads"]), "Circuit: the top-k heads by layer")
     claim.figure(plots.attention_grid(top_head_attention, ["harmful", "harmless twin"]),
                  "Attention patterns of the top-3 heads on a harmful prompt and its harmless twin (last 12 tokens)")
-    assert p["p_value"] < ALPHA, f"top-{p['k']} Δ={p['delta']:.3f} vs random {p['random_deltas'][:3]}…: p={p['p_value']:.3g}"
+    assert test.p_value < suite.alpha, (
+        f"top-{c['k']} Δ = {d_ranked:.3f} vs layer-matched random {d_null.mean():.3f}: p = {test.p_value:.3g}")
+
+
+def test_small_set_reaches_half_of_all_heads(circuit_ablation, suite, claim):
+    """Exploratory. Localization: the top-k heads (≤ 5% of heads) reach at least half of the refusal-score drop
+    of mean-ablating every head: the lower 95% bootstrap bound of Δ(top-k) / Δ(all heads) ≥ 0.5 (paired over
+    prompts), and ablating every head lowers the score."""
+    c = circuit_ablation
+    base, ranked, every = np.array(c["base"]), np.array(c["ranked"]), np.array(c["all_heads"])
+
+    def ratio(b, r, e):
+        return float(np.mean(r - b) / np.mean(e - b))
+
+    share = ratio(base, ranked, every)
+    lo, hi = bootstrap_ci((base, ranked, every), ratio, n_resamples=suite.n_bootstrap, seed=suite.split_seed)
+    claim.result(statistic=share, effect=share, ci=[lo, hi], n=len(base), threshold=suite.localization_share,
+                 test="ratio of mean drops, paired bootstrap CI", null="the claim needs the lower bound ≥ the threshold")
+    claim.record(delta_top_k=float((ranked - base).mean()), delta_all_heads=float((every - base).mean()), k=c["k"])
+    claim.uses(c)
+    assert float((every - base).mean()) < 0, "ablating every head does not lower the refusal score"
+    assert lo >= suite.localization_share, f"top-{c['k']} share of the all-heads drop {share:.2f} (95% CI {lo:.2f}–{hi:.2f})"
+
+
+def test_ablation_removes_refusal(circuit_ablation, baseline, suite, claim):
+    """Exploratory. Mean-ablating the top-k heads removes refusal in generation: on every harmful test prompt,
+    refusals flip to non-refusals more often than the reverse (exact one-sided McNemar, p < alpha; `not tested`
+    below ``min_refusals`` refusals at baseline)."""
+    from fixtures.common import refused_before
+
+    c = circuit_ablation
+    before, after = refused_before(baseline, c["prompts"]), c["refused_after"]
+    require(sum(before) >= suite.min_refusals, f"only {sum(before)} of {len(before)} harmful test prompts are refused "
+                                                f"at baseline (needs {suite.min_refusals}): nothing to remove")
+    rb, ra = binomial_rate(before), binomial_rate(after)
+    mc = mcnemar_exact(before, after, alternative="greater")
+    diff = np.array(before, float) - np.array(after, float)
+    lo, hi = bootstrap_ci(diff, n_resamples=suite.n_bootstrap, seed=suite.split_seed)
+    flips = mcnemar_detectable_flips(suite.alpha, sum(before))
+    claim.result(statistic=mc.b, p_value=mc.p_value, effect=rb.rate - ra.rate, ci=[lo, hi], n=rb.n,
+                 mde=None if flips is None else flips / rb.n, test="exact McNemar, one-sided",
+                 null="as many refusals gained as lost")
+    claim.record(rate_before=rb.rate, rate_after=ra.rate, mcnemar_b=mc.b, mcnemar_c=mc.c, k=c["k"])
+    claim.uses(c)
+    assert mc.p_value < suite.alpha, f"refusal {rb.rate:.2f} → {ra.rate:.2f} (b={mc.b}, c={mc.c}): p = {mc.p_value:.3g}"

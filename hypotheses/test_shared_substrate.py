@@ -1,7 +1,8 @@
 """H3 — a shared substrate: the same heads serve refusal across harm categories.
 
-Per category (``-k fraud``): its attribution map over heads agrees with the other categories' map, and
-ablating the heads found on it lowers refusal on the other categories too.
+Primary: ablating one category's top heads lowers refusal on the *other* categories' harmful test prompts
+more than layer-matched random head sets of the same size do, on the same prompts. Exploratory, per category
+(``-k fraud``): that transfer for this category, and agreement of its attribution map with the others'.
 """
 
 from __future__ import annotations
@@ -12,64 +13,95 @@ from scipy.stats import wilcoxon
 
 from mech import plots
 from mech.patching import PatchResult
-from mech.stats import adjust_pvalues, spearman
+from mech.stats import adjust_pvalues, bootstrap_ci, permutation_pvalue, spearman
 
 pytestmark = [pytest.mark.shared_substrate, pytest.mark.realmodel, pytest.mark.slow]
 
-ALPHA = 0.05
-TRANSFER_MIN = 0.5
+
+def _excess(cc: dict, a: str) -> np.ndarray:
+    """Per off-category prompt: drop under A's heads minus the drop under A's layer-matched random sets."""
+    off = [i for i, c in enumerate(cc["prompt_categories"]) if c != a]
+    return (np.array(cc["ranked"][a]) - np.array(cc["random"][a]))[off]
+
+
+@pytest.mark.primary
+def test_heads_transfer_beyond_random(cross_category, suite, claim):
+    """PRIMARY. Across categories, mean-ablating category A's top-k heads lowers the refusal score of the other
+    categories' harmful test prompts more than layer-matched random sets of k heads (same prompts): one-sided
+    Wilcoxon signed-rank over categories of the mean excess drop, p < alpha. Effect: mean excess drop (log-odds)
+    with a 95% bootstrap CI over categories."""
+    cats = cross_category["categories"]
+    excess = np.array([_excess(cross_category, a).mean() for a in cats])
+    p = float(wilcoxon(excess, alternative="greater").pvalue) if len(cats) >= 2 else float("nan")
+    lo, hi = bootstrap_ci(excess, n_resamples=suite.n_bootstrap, seed=suite.split_seed)
+    sd = float(excess.std(ddof=1)) if len(excess) > 1 else float("nan")
+    from scipy.stats import t as student_t
+
+    mde = float(student_t.ppf(1 - suite.alpha, len(excess) - 1) * sd / np.sqrt(len(excess))) if len(excess) > 1 else None
+    claim.result(statistic=float(np.mean(excess)), p_value=p, effect=float(np.mean(excess)), ci=[lo, hi], n=len(cats),
+                 mde=mde, test="Wilcoxon signed-rank over categories, one-sided",
+                 null=f"{suite.n_random_per_category} layer-matched random head sets per category, same prompts")
+    M = np.array([[np.mean([d for d, c in zip(cross_category["ranked"][a], cross_category["prompt_categories"],
+                                              strict=True) if c == b]) for b in cats] for a in cats])
+    claim.record(k=cross_category["k"], excess_by_category=dict(zip(cats, excess.tolist(), strict=True)))
+    claim.uses(cross_category)
+    claim.figure(plots.heatmap(M, cats, cats, "Refusal-score drop: ablate heads of row category, measure column",
+                               "measured on", "heads from", colorscale="Reds", zmid=None), "Cross-category ablation matrix")
+    assert p < suite.alpha, f"mean excess drop over layer-matched random heads {np.mean(excess):.3f}: p = {p:.3g}"
+
+
+def test_category_heads_transfer(cross_category, category, suite, claim):
+    """Exploratory. This category's top-k heads lower the other categories' refusal scores more than its
+    layer-matched random head sets do (one-sided Wilcoxon signed-rank over the off-category test prompts)."""
+    if category not in cross_category["categories"]:
+        pytest.skip(f"no train pairs of category {category} to rank heads on")
+    ex = _excess(cross_category, category)
+    p = float(wilcoxon(ex, alternative="greater").pvalue)
+    lo, hi = bootstrap_ci(ex, n_resamples=suite.n_bootstrap, seed=suite.split_seed)
+    claim.result(statistic=float(ex.mean()), p_value=p, effect=float(ex.mean()), ci=[lo, hi], n=len(ex),
+                 test="Wilcoxon signed-rank over off-category prompts, one-sided", null="layer-matched random heads")
+    claim.record(heads=cross_category["rankings"][category])
+    claim.uses(cross_category)
+    assert p < suite.alpha, f"{category}: excess drop {ex.mean():.3f} (95% CI {lo:.3f}–{hi:.3f}), p = {p:.3g}"
 
 
 @pytest.fixture(scope="module")
-def map_agreement(atp_noise):
-    """Spearman ρ of each category's mean AtP head map against the pooled map of the other categories,
-    with Holm-adjusted p-values across categories."""
-    res = PatchResult.from_dict(atp_noise["head"])
-    delta = res.delta  # [n_pairs, n_heads_total]
-    cats = atp_noise["categories"]
-    names = sorted(set(cats))
+def map_agreement(atp_noise, suite):
+    """Spearman ρ of each category's mean AtP head map against the other categories' pooled map, against a
+    permutation null that shuffles the category labels of the train pairs; Holm across categories."""
+    delta = PatchResult.from_dict(atp_noise["head"]).delta  # [n_pairs, n_heads]
+    cats = np.array(atp_noise["categories"])
+    names = sorted(set(cats.tolist()))
+    rng = np.random.default_rng(suite.split_seed)
+
+    def rho(labels, c):
+        mine, rest = labels == c, labels != c
+        if mine.sum() == 0 or rest.sum() == 0:
+            return float("nan")
+        return spearman(np.nanmean(delta[mine], 0), np.nanmean(delta[rest], 0)).rho
+
+    shuffles = [rng.permutation(cats) for _ in range(suite.n_label_shuffles)]
     out = {}
     for c in names:
-        mine = np.nanmean(delta[[i for i, x in enumerate(cats) if x == c]], 0)
-        rest = np.nanmean(delta[[i for i, x in enumerate(cats) if x != c]], 0)
-        out[c] = spearman(mine, rest)
-    adj = adjust_pvalues([out[c].p_value for c in names], "holm", ALPHA)
-    return {c: {"rho": out[c].rho, "p": out[c].p_value,
-                "p_holm": adj.adjusted[i], "n": out[c].n} for i, c in enumerate(names)}
+        obs = rho(cats, c)
+        null = [rho(s, c) for s in shuffles]
+        out[c] = {"rho": obs, "test": permutation_pvalue(obs, null, "greater"), "null_mean": float(np.nanmean(null))}
+    adj = adjust_pvalues([out[c]["test"].p_value for c in names], "holm", suite.alpha).adjusted
+    for c, a in zip(names, adj, strict=True):
+        out[c]["p_holm"] = a
+    return out
 
 
-def test_category_map_agrees(map_agreement, category, claim):
-    """This category's head attribution map (harmless → harmful AtP, train pairs) correlates positively with
-    the other categories' pooled map: Spearman ρ > 0, Holm-adjusted p < 0.05 across categories."""
+def test_category_map_agrees(map_agreement, atp_noise, category, suite, claim):
+    """Exploratory. This category's head attribution map (harmless → harmful AtP, train pairs) agrees with the
+    other categories' pooled map more than with shuffled category labels (Spearman ρ, permutation test, Holm
+    across categories, p < alpha)."""
     if category not in map_agreement:
         pytest.skip(f"no train pairs of category {category}")
     m = map_agreement[category]
-    claim.record(rho=m["rho"], p_value=m["p"], p_holm=m["p_holm"], n_heads=m["n"])
-    assert m["rho"] > 0 and m["p_holm"] < ALPHA, f"ρ={m['rho']:.3f}, Holm p={m['p_holm']:.3g}"
-
-
-def test_ablation_transfers(cross_category, category, claim):
-    """Ablating the top heads found on this category lowers the refusal score on the *other* categories'
-    held-out harmful prompts by at least half as much as on its own (and lowers its own)."""
-    drop = cross_category["drop"][category]
-    own = drop[category]
-    others = [v for b, v in drop.items() if b != category]
-    mean_other = float(np.mean(others))
-    ratio = mean_other / own if own > 0 else float("nan")
-    claim.record(own_drop=own, mean_other_drop=mean_other, transfer_ratio=ratio, k=cross_category["k"],
-                 heads=cross_category["rankings"][category], threshold=TRANSFER_MIN)
-    assert own > 0 and ratio >= TRANSFER_MIN, f"own drop {own:.3f}, others {mean_other:.3f} (ratio {ratio:.2f})"
-
-
-def test_cross_category_matrix(cross_category, claim):
-    """Across all ordered category pairs (A ≠ B), ablating A's top heads lowers B's refusal score:
-    off-diagonal drops > 0 (one-sided Wilcoxon signed-rank, p < 0.05)."""
-    cats = cross_category["categories"]
-    M = np.array([[cross_category["drop"][a][b] for b in cats] for a in cats])
-    off = M[~np.eye(len(cats), dtype=bool)]
-    p = float(wilcoxon(off, alternative="greater").pvalue) if len(off) else float("nan")
-    claim.record(mean_off_diagonal_drop=float(off.mean()), mean_diagonal_drop=float(np.diag(M).mean()),
-                 wilcoxon_p=p, n_pairs=int(off.size))
-    claim.figure(plots.heatmap(M, cats, cats, "Refusal-score drop: ablate heads of row category, measure column",
-                               "measured on", "heads from", colorscale="Reds", zmid=None), "Cross-category ablation matrix")
-    assert p < ALPHA, f"off-diagonal drops mean {off.mean():.3f}, Wilcoxon p={p:.3g}"
+    claim.result(statistic=m["rho"], p_value=m["test"].p_value, effect=m["rho"] - m["null_mean"], n=m["test"].n_null,
+                 test="Spearman ρ vs shuffled category labels (permutation), Holm across categories",
+                 null=f"{m['test'].n_null} shufflings of the category labels")
+    claim.record(p_holm=m["p_holm"])
+    claim.uses(atp_noise)
+    assert m["p_holm"] < suite.alpha, f"ρ = {m['rho']:.3f} vs shuffled {m['null_mean']:.3f}: Holm p = {m['p_holm']:.3g}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from fixtures.sweeps import top_heads
+from fixtures.h1_circuit import top_heads
 from mech.models import DEFAULT_MODEL
 
 pytestmark = [pytest.mark.realmodel, pytest.mark.slow]

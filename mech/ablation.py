@@ -715,12 +715,31 @@ def individual_ablations(
 
 
 def random_components(
-    lm: Any, like: Sequence[Component | str], rng: np.random.Generator, pool: Sequence[Component | str] | None = None
+    lm: Any,
+    like: Sequence[Component | str],
+    rng: np.random.Generator,
+    pool: Sequence[Component | str] | None = None,
+    match_layers: bool = False,
 ) -> list[Component]:
     """As many components of each kind as ``like`` has, drawn uniformly without replacement.
 
-    From ``pool`` (default: every component of that kind in the model). Reproducible under ``rng``'s seed.
+    From ``pool`` (default: every component of that kind in the model). ``match_layers``: as many of each kind
+    *in each layer* as ``like`` has (the matched null for a ranked set, whose layers are not uniform).
+    Reproducible under ``rng``'s seed.
     """
+    if match_layers:
+        groups = Counter((c.layer, c.kind) for c in (_as_component(x) for x in like))
+        pool_m = None if pool is None else [_as_component(c) for c in pool]
+        out_m: list[Component] = []
+        for (layer, kind), need in sorted(groups.items()):
+            if pool_m is None:
+                cands = all_components(lm, kind, [layer])
+            else:
+                cands = [c for c in pool_m if c.layer == layer and c.kind == kind]
+            if need > len(cands):
+                raise ValueError(f"cannot draw {need} {kind} components in layer {layer} from a pool of {len(cands)}")
+            out_m += [cands[int(i)] for i in sorted(rng.choice(len(cands), size=need, replace=False))]
+        return out_m
     counts = Counter(_as_component(c).kind for c in like)
     pool_c = None if pool is None else [_as_component(c) for c in pool]
     out: list[Component] = []
@@ -818,13 +837,15 @@ def cumulative_ablation(
     pool: Sequence[Component | str] | None = None,
     name: str = "cumulative",
     runner: Any = None,
+    match_layers: bool = False,
 ) -> CumulativeResult:
     """Ablate the top-k of ``ranking`` (most important first) for each k in ``ks``, with random controls.
 
     Each ranked set gets the full :func:`evaluate_ablation` (everything the baseline measures); each of the
     ``n_random`` control sets (same size and kinds, :func:`random_components` from ``pool``) only its mean
     harmful logit refusal score (one batched forward). The p-value is :func:`mech.stats.permutation_pvalue`
-    with ``alternative="less"`` on the change of the mean harmful score. ``runner``: a
+    with ``alternative="less"`` on the change of the mean harmful score. ``match_layers``: the random sets
+    have the ranked set's count per layer (see :func:`random_components`). ``runner``: a
     :class:`mech.distributed.RayPool` scores the random sets on its workers (the same sets, the same numbers).
     """
     if n_random < 1:
@@ -838,7 +859,7 @@ def cumulative_ablation(
     for k in ks:
         top = comps[:k]
         ranked = evaluate_ablation(lm, baseline, top, method, means, mode, positions, name=f"{name}-top{k}")
-        rands = [random_components(lm, top, rng, pool) for _ in range(n_random)]
+        rands = [random_components(lm, top, rng, pool, match_layers) for _ in range(n_random)]
         sets = [tuple(c.id for c in rand) for rand in rands]
         fracs = [param_fraction(lm, rand) for rand in rands]
         if runner is None:

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from mech.ablation import Baseline, InterventionResult, evaluate_intervention, first_token_kl
 from mech.hooks import HookPoint, decoder_layers, hook_name, hooks, run_with_cache
-from mech.refusal import last_logits, refusal_log_odds
+from mech.refusal import refusal_log_odds
 from mech.stats import jsonable
 
 __all__ = [
@@ -394,7 +394,12 @@ def select_direction(
     positions = dim.positions if positions is None else tuple(positions)
     n_layers = lm.shape.n_layers
     max_layer = int(n_layers * (1.0 - prune_last_fraction))
-    base_logits = last_logits(lm, hv + lv, batch_size=batch_size)
+    from mech.scoring import (  # shares the prompts' prefix K/V (2x fewer tokens)
+        last_logits_under,
+        same_everywhere,
+    )
+
+    base_logits = last_logits_under(lm, hv + lv, None, batch_size)
     base_scores = refusal_log_odds(base_logits, ids)
     scored: list[CandidateScore] = []
     for L in layers:
@@ -404,12 +409,12 @@ def select_direction(
                 nan = float("nan")
                 scored.append(CandidateScore(L, p, 0.0, nan, nan, nan, False, ("zero vector",)))
                 continue
-            with directional_ablation(lm, v):
-                logits = last_logits(lm, hv + lv, batch_size=batch_size)
+            logits = last_logits_under(lm, hv + lv, same_everywhere(lambda v=v: directional_ablation(lm, v)), batch_size)
             bypass = float(refusal_log_odds(logits[:nh], ids).double().mean())
             kl = float(first_token_kl(base_logits[nh:], logits[nh:]).double().mean())
-            with activation_addition(lm, v, L, coeff):
-                induce = float(refusal_log_odds(last_logits(lm, lv, batch_size=batch_size), ids).double().mean())
+            added = last_logits_under(lm, lv, same_everywhere(lambda v=v, L=L: activation_addition(lm, v, L, coeff)),
+                                      batch_size)
+            induce = float(refusal_log_odds(added, ids).double().mean())
             reasons = []
             if not np.isfinite(bypass):
                 reasons.append("bypass score is not finite")

@@ -49,13 +49,32 @@ def probe_accuracy_by_layer(
     ts = last_position_resid(lm, train_harmless, batch_size)[:, :-1]
     eh = last_position_resid(lm, test_harmful, batch_size)[:, :-1]
     es = last_position_resid(lm, test_harmless, batch_size)[:, :-1]
-    mu_h, mu_s = th.mean(0), ts.mean(0)  # [L, d]
+    return probe_correct(th, ts, eh, es).double().mean(0).tolist()
+
+
+def probe_correct(train_h: Tensor, train_s: Tensor, eval_h: Tensor, eval_s: Tensor) -> Tensor:
+    """Per-prompt correctness of the difference-in-means probe at every layer: ``[n_eval_h + n_eval_s, L]`` bool.
+
+    Inputs are residuals ``[n, L, d]`` (:func:`last_position_resid` without its last column). The probe projects
+    onto ``mean(train_h) - mean(train_s)`` and thresholds at the midpoint of the two projected means."""
+    mu_h, mu_s = train_h.mean(0), train_s.mean(0)  # [L, d]
     w = mu_h - mu_s
     thresh = 0.5 * ((mu_h * w).sum(-1) + (mu_s * w).sum(-1))  # [L]
-    ph = (eh * w).sum(-1) > thresh  # [n, L]: predicted harmful
-    ps = (es * w).sum(-1) > thresh
-    correct = ph.double().sum(0) + (~ps).double().sum(0)
-    return (correct / (len(test_harmful) + len(test_harmless))).tolist()
+    return torch.cat([(eval_h * w).sum(-1) > thresh, (eval_s * w).sum(-1) <= thresh])
+
+
+def shuffled_probe_accuracy(train_h: Tensor, train_s: Tensor, eval_h: Tensor, eval_s: Tensor, n_shuffles: int,
+                            seed: int = 0) -> Tensor:
+    """The null of :func:`probe_correct`: held-out accuracy per layer of probes fit on train prompts whose
+    harmful/harmless labels were shuffled, ``[n_shuffles, L]`` (seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.cat([train_h, train_s])
+    nh = train_h.shape[0]
+    out = []
+    for _ in range(n_shuffles):
+        perm = torch.randperm(x.shape[0], generator=g)
+        out.append(probe_correct(x[perm[:nh]], x[perm[nh:]], eval_h, eval_s).double().mean(0))
+    return torch.stack(out)
 
 
 @torch.inference_mode()
@@ -79,7 +98,8 @@ def direct_logit_attribution(
     lm: Any, harmful: Sequence[str], harmless: Sequence[str], refusal_ids: Sequence[int], batch_size: int = 16
 ) -> dict[str, Any]:
     """Per layer: mean DLA of ``attn_out`` and ``mlp_out`` to the refusal tokens on harmful and harmless
-    prompts, and their difference (``delta[L] = [attn, mlp]``), the direct effect each block has on refusal."""
+    prompts, and their difference (``delta[L] = [attn, mlp]``), the direct effect each block has on refusal;
+    ``*_per_prompt`` ``[n, L, 2]`` for confidence intervals."""
     model = lm.model
     norm = model.model.norm
     d = lm.shape.d_model
@@ -89,6 +109,8 @@ def direct_logit_attribution(
         W = model.get_output_embeddings().weight.detach().double().cpu()  # [vocab, d]
         u = W[list(refusal_ids)].mean(0) - W.mean(0)  # [d]
     eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
-    h = _dla_one(lm, harmful, u, gamma, eps, batch_size).mean(0)  # [L, 2]
-    s = _dla_one(lm, harmless, u, gamma, eps, batch_size).mean(0)
-    return {"harmful": h.tolist(), "harmless": s.tolist(), "delta": (h - s).tolist(), "columns": ["attn", "mlp"]}
+    hp = _dla_one(lm, harmful, u, gamma, eps, batch_size)  # [n, L, 2]
+    sp = _dla_one(lm, harmless, u, gamma, eps, batch_size)
+    h, s = hp.mean(0), sp.mean(0)
+    return {"harmful": h.tolist(), "harmless": s.tolist(), "delta": (h - s).tolist(), "columns": ["attn", "mlp"],
+            "harmful_per_prompt": hp.tolist(), "harmless_per_prompt": sp.tolist()}

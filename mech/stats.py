@@ -34,10 +34,15 @@ __all__ = [
     "adjust_pvalues",
     "auroc",
     "benjamini_hochberg",
+    "binomial_detectable_rate",
+    "binomial_pvalue",
     "binomial_rate",
+    "bootstrap_ci",
     "holm",
     "jsonable",
+    "mcnemar_detectable_flips",
     "mcnemar_exact",
+    "null_detectable_shift",
     "permutation_pvalue",
     "spearman",
 ]
@@ -269,3 +274,67 @@ def auroc(pos_scores: Sequence[float], neg_scores: Sequence[float]) -> AurocResu
         return AurocResult(math.nan, math.nan, len(pos), len(neg))
     p = float(_st.mannwhitneyu(pos, neg, alternative="two-sided").pvalue)
     return AurocResult(_auroc(pos, neg), p, len(pos), len(neg))
+
+
+# --------------------------------------------------------------------------- bounds and detectable effects
+
+
+def bootstrap_ci(
+    samples: Sequence[Sequence[float]] | Sequence[float],
+    statistic: Any = None,
+    confidence: float = 0.95,
+    n_resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile CI of ``statistic`` (default the mean) by :func:`scipy.stats.bootstrap`.
+
+    ``samples``: one sequence (a mean's CI) or a tuple of equally long sequences resampled together (paired:
+    e.g. per-prompt scores before and after, for a ratio of means). NaN when fewer than 3 values or constant."""
+    one = np.ndim(samples[0]) == 0  # type: ignore[index]
+    arrays = [np.asarray(samples, dtype=float)] if one else [np.asarray(x, dtype=float) for x in samples]
+    stat = statistic if statistic is not None else (lambda x: float(np.mean(x)))
+    n = len(arrays[0])
+    if n == 0:
+        return math.nan, math.nan
+    if n < 3 or all(np.ptp(a) == 0 for a in arrays):
+        v = float(stat(*arrays))
+        return v, v
+    res = _st.bootstrap(tuple(arrays), stat, paired=len(arrays) > 1, vectorized=False, confidence_level=confidence,
+                        n_resamples=n_resamples, method="percentile", rng=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def binomial_pvalue(k: int, n: int, p0: float, alternative: Literal["greater", "less", "two-sided"]) -> float:
+    """Exact binomial test of ``k`` successes in ``n`` against rate ``p0`` (:func:`scipy.stats.binomtest`)."""
+    return float(_st.binomtest(int(k), int(n), p0, alternative=alternative).pvalue) if n else math.nan
+
+
+def binomial_detectable_rate(n: int, p0: float, alpha: float, alternative: Literal["greater", "less"]) -> float:
+    """The rate at the smallest (``greater``) or largest (``less``) count out of ``n`` whose exact binomial test
+    against ``p0`` reaches p < alpha: the smallest effect that test can detect at this n (NaN if none can)."""
+    counts = range(n + 1) if alternative == "greater" else range(n, -1, -1)
+    for k in counts:
+        if binomial_pvalue(k, n, p0, alternative) < alpha:
+            return k / n
+    return math.nan
+
+
+def mcnemar_detectable_flips(alpha: float, max_flips: int) -> int | None:
+    """The fewest one-way discordant flips (none the other way) for which the one-sided exact McNemar test
+    reaches p < alpha (5 at alpha 0.05), or None if ``max_flips`` are too few."""
+    for b in range(1, max_flips + 1):
+        if 0.5**b < alpha:
+            return b
+    return None
+
+
+def null_detectable_shift(null: Sequence[float], alpha: float, alternative: Literal["greater", "less"]) -> float:
+    """How far from the null mean an observed statistic must lie for a Monte-Carlo test against ``null`` to reach
+    p < alpha (the alpha-quantile of the null, as a shift from its mean)."""
+    arr = np.sort(np.asarray(list(null), dtype=float))
+    arr = arr[~np.isnan(arr)]
+    m = int(np.floor(alpha * (arr.size + 1))) - 1  # at most m null values as extreme keeps (1+m)/(1+N) < alpha
+    if m < 0:
+        return math.nan
+    q = arr[arr.size - 1 - m] if alternative == "greater" else arr[m]
+    return float(q - arr.mean())
