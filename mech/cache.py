@@ -3,8 +3,11 @@
 A result is keyed by everything it depends on — the model's fingerprint, the data hash, the config and
 the library's code version — so a change to any of them computes afresh and nothing stale is reused.
 Writes are atomic (temp file + ``os.replace``): a killed run leaves either the whole entry or nothing,
-so a re-run resumes from the entries already finished. A per-key file lock lets pytest-xdist workers
-share one computation instead of repeating it.
+so a re-run resumes from the entries already finished. Reading a finished entry takes no lock (an entry is
+only ever replaced whole), so a warm cache works read-only (a shared or ``chmod -w`` directory). A per-key
+file lock around computing and writing lets pytest-xdist workers share one computation instead of repeating
+it. When the cache cannot be written (read-only), a missing entry is computed and returned, not stored, with
+a warning.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -99,22 +103,54 @@ class DiskCache:
         modules: tuple[str, ...] | None = None,
     ) -> T:
         """The stored value for (namespace, parts, code version of ``modules`` — default all of mech/), or
-        ``fn()`` computed, stored atomically and returned. Concurrent callers of one key wait on a file lock."""
+        ``fn()`` computed, stored atomically and returned. A finished entry is read without any lock (nothing
+        is created on disk); concurrent callers computing one key wait on a file lock."""
         key = make_key(namespace=namespace, code=code_version(modules), **parts)
         path = self.path(namespace, key, fmt)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(path) + ".lock"):
-            if self.enabled and path.exists():
-                try:
-                    value = self.load(path, fmt)
-                    self.hits += 1
+        if self.enabled:
+            found, value = self._try_load(path, fmt)
+            if found:
+                return value
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(str(path) + ".lock")
+            lock.acquire()
+        except OSError as e:  # read-only cache: compute, do not store
+            return self._compute_unstored(path, fn, e)
+        try:
+            if self.enabled:  # another process may have finished it while we waited for the lock
+                found, value = self._try_load(path, fmt, unlink_bad=True)
+                if found:
                     return value
-                except (OSError, ValueError, RuntimeError):
-                    path.unlink(missing_ok=True)  # unreadable entry: recompute it
             self.misses += 1
             value = fn()
             self.store(path, value, fmt)
             return value
+        finally:
+            lock.release()
+
+    def _try_load(self, path: Path, fmt: str, unlink_bad: bool = False) -> tuple[bool, Any]:
+        if not path.exists():
+            return False, None
+        try:
+            value = self.load(path, fmt)
+        except (OSError, ValueError, RuntimeError):
+            if unlink_bad:  # unreadable entry (only under the lock): recompute it
+                path.unlink(missing_ok=True)
+            return False, None
+        self.hits += 1
+        return True, value
+
+    def _compute_unstored(self, path: Path, fn: Callable[[], T], err: OSError) -> T:
+        warnings.warn(
+            f"cache dir {self.root} is not writable ({err.strerror or type(err).__name__}): computing "
+            f"{path.parent.name}/{path.name} without storing it; make the directory writable or pass another "
+            "--cache-dir to keep results",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        self.misses += 1
+        return fn()
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
