@@ -103,6 +103,115 @@ class _Worker:
         return TASKS[task](self.lm, **payload)
 
 
+# ----------------------------------------------------------------------------------------- the address
+
+RAY_INSTALL = "pip install 'mech[distributed]' (or pip install 'ray==2.60.0')"
+RAY_CLIENT_INSTALL = "pip install 'mech[ray-client]' (or pip install 'ray[client]==2.60.0')"
+RAY_CLIENT_PORT = 10001
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _client_installed() -> bool:
+    """The Ray client (``ray://`` addresses) needs grpcio, which only the ``ray[client]`` extra installs."""
+    return _installed("grpc")
+
+
+def _auto_address() -> str:
+    """The ``host:port`` that ``ray.init(address="auto")`` would join (``$RAY_ADDRESS``, the latest local
+    cluster), or :class:`DistributedError` when there is none."""
+    from ray._private import services
+
+    try:
+        found = services.get_ray_address_from_environment("auto", None)
+    except ConnectionError:
+        found = None
+    if not found or found == "auto":
+        raise DistributedError(
+            "--ray-address auto: no running Ray cluster on this machine; start one with `ray start --head`, pass "
+            "host:port or ray://host:10001 of a running cluster, or drop --ray-address to start a local one"
+        )
+    return found
+
+
+def check_address(address: str, timeout: float = 3.0) -> str:
+    """Check, within about ``timeout`` seconds and without joining, that the Ray cluster at ``address`` can be
+    joined: Ray (and for ``ray://`` the Ray client) is installed, ``auto`` finds a running cluster, and the
+    cluster's port accepts a TCP connection. Returns the ``host:port`` checked; raises a one-line
+    :class:`DistributedError` saying what is wrong and how to fix it."""
+    import socket
+
+    a = str(address).strip()
+    if not _installed("ray"):
+        raise DistributedError(f"--ray-address {a!r} needs Ray, which is not installed: {RAY_INSTALL}")
+    if a == "local":
+        return a
+    if a.startswith("ray://"):
+        if not _client_installed():
+            raise DistributedError(
+                f"--ray-address {a!r} uses the Ray client, which is not installed (no grpcio): {RAY_CLIENT_INSTALL}"
+            )
+        hostport, default_port = a[len("ray://"):].rstrip("/"), RAY_CLIENT_PORT
+    elif a == "auto":
+        hostport, default_port = _auto_address(), None
+    elif "://" in a:
+        raise DistributedError(f"--ray-address {a!r}: unknown scheme; use auto, host:port or ray://host:port")
+    else:
+        hostport, default_port = a, None
+    host, sep, port_s = hostport.rpartition(":")
+    if not sep:
+        host, port_s = hostport, ""
+    host = host.strip("[]")
+    if not port_s and default_port:
+        port_s = str(default_port)
+    if not host or not port_s.isdigit() or not 0 < int(port_s) < 65536:
+        raise DistributedError(
+            f"--ray-address {a!r} is not host:port; use auto, host:port (the head's GCS port, e.g. 6379) or "
+            "ray://host:10001"
+        )
+    port = int(port_s)
+    fix = ("start the cluster (`ray start --head` on that host), fix the address, or drop --ray-address to start "
+           "a local cluster")
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            speaks_grpc = _speaks_http2(sock)
+    except OSError as e:
+        why = f"no answer within {timeout:g} s" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__)
+        raise DistributedError(f"--ray-address {a!r}: nothing accepts connections at {host}:{port} ({why}); {fix}") from None
+    if not speaks_grpc:
+        raise DistributedError(
+            f"--ray-address {a!r}: {host}:{port} accepts connections but does not answer like a Ray cluster (no "
+            "gRPC); point it at the head's GCS port (host:6379) or its client port (ray://host:10001)"
+        )
+    return f"{host}:{port}"
+
+
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # + empty SETTINGS
+
+
+def _speaks_http2(sock: Any) -> bool:
+    """Whether the peer answers the HTTP/2 client preface with a SETTINGS frame, as every gRPC server (Ray's GCS
+    and its client server) does; an HTTP/1 proxy or another service does not."""
+    try:
+        sock.sendall(_HTTP2_PREFACE)
+        head = b""
+        while len(head) < 9:
+            chunk = sock.recv(9 - len(head))
+            if not chunk:
+                return False
+            head += chunk
+    except OSError:
+        return False
+    return head[3] == 0x04  # frame type SETTINGS
+
+
 # ------------------------------------------------------------------------------------------------- pool
 
 
@@ -156,10 +265,11 @@ class RayPool:
         try:
             import ray
         except ImportError as e:
-            raise DistributedError("distributed sweeps need Ray: pip install 'ray==2.60.0' (or '.[dev]')") from e
+            raise DistributedError(f"distributed sweeps need Ray: {RAY_INSTALL}") from e
         if not ray.is_initialized():
             kw: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
             if self.address:
+                check_address(self.address)  # seconds, instead of ray.init's retries against a dead address
                 kw["runtime_env"] = {"py_modules": [str(Path(__file__).resolve().parent)]}
                 try:
                     ray.init(address=self.address, **kw)

@@ -306,3 +306,450 @@ def test_zero_direction_and_good_shapes(tiny_qwen2: LoadedModel) -> None:
     for v in (torch.ones(d), torch.ones(1, d), [1.0] * d):  # a [1, d_model] row and a list are fine
         with activation_addition(tiny_qwen2, v, 0), directional_ablation(tiny_qwen2, torch.as_tensor(v)):
             pass
+
+
+# ------------------------------------------------------------------------------------------------ the disk cache
+
+
+def test_warm_cache_reads_without_a_lock_and_read_only(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    from mech.cache import DiskCache
+
+    root = tmp_path / "results"
+    DiskCache(root).get_or_compute("ns", {"a": 1}, lambda: {"x": 1})
+    for lock in root.rglob("*.lock"):  # the writer's lock file is not part of the entry
+        lock.unlink()
+    before = _files(root)
+    dirs = [root, *[d for d in root.rglob("*") if d.is_dir()]]
+    for d in dirs:
+        d.chmod(stat.S_IRUSR | stat.S_IXUSR)  # chmod -w (root bypasses it: the no-lock-file check below holds anyway)
+    try:
+        cache = DiskCache(root)
+
+        def never() -> dict:
+            raise AssertionError("a finished entry was recomputed")
+
+        assert cache.get_or_compute("ns", {"a": 1}, never) == {"x": 1}
+        assert (cache.hits, cache.misses) == (1, 0)
+        assert _files(root) == before, "reading a finished entry created or changed a file (a .lock?)"
+        assert not list(root.rglob("*.lock"))
+    finally:
+        for d in dirs:
+            d.chmod(stat.S_IRWXU)
+    assert os.access(root, os.W_OK)
+
+
+def test_unwritable_cache_computes_without_storing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mech.cache
+    from mech.cache import DiskCache
+
+    root = tmp_path / "results"
+    DiskCache(root).get_or_compute("ns", {"a": 1}, lambda: [1])
+    before = _files(root)
+
+    class ReadOnlyLock:  # what FileLock does in a directory it cannot write (root cannot be denied by chmod)
+        def __init__(self, path: str) -> None:
+            raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(mech.cache, "FileLock", ReadOnlyLock)
+    cache = DiskCache(root)
+    assert cache.get_or_compute("ns", {"a": 1}, lambda: [9]) == [1]  # finished: read, no lock needed
+    with pytest.warns(RuntimeWarning, match="not writable .*computing .* without storing it"):
+        assert cache.get_or_compute("ns", {"a": 2}, lambda: [2]) == [2]
+    assert _files(root) == before
+
+
+def test_cache_writes_stay_locked_and_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mech.cache
+    from mech.cache import DiskCache
+
+    locks: list[str] = []
+    real = mech.cache.FileLock
+
+    def spy(path: str):
+        locks.append(Path(path).name)
+        return real(path)
+
+    monkeypatch.setattr(mech.cache, "FileLock", spy)
+    cache = DiskCache(tmp_path)
+    cache.get_or_compute("ns", {"a": 1}, lambda: 1)
+    assert len(locks) == 1 and locks[0].endswith(".json.lock")
+    cache.get_or_compute("ns", {"a": 1}, lambda: 2)
+    assert len(locks) == 1  # the hit took no lock
+    # a corrupt entry is recomputed (under the lock) and replaced whole
+    entry = next(tmp_path.rglob("*.json"))
+    entry.write_text("{not json")
+    assert cache.get_or_compute("ns", {"a": 1}, lambda: 3) == 3 and len(locks) == 2
+    assert json.loads(entry.read_text()) == 3
+    assert not [p for p in tmp_path.rglob(".*") if p.is_file()], "a temporary file was left behind"
+
+
+# ------------------------------------------------------------------------------------------ model preparation
+
+
+def test_killed_preparation_leaves_no_temporary_files_on_the_next_run(tmp_path: Path, monkeypatch) -> None:
+    """SIGKILL cannot run ``finally``: the temporary GGUF and the temporary safetensors dir of a killed
+    preparation are removed by the next preparation (under the lock); other files stay."""
+    import mech.models as models
+
+    chunks = [tmp_path / "wheel" / f"part{i}.bin" for i in (1, 2)]
+    chunks[0].parent.mkdir()
+    chunks[0].write_bytes(b"GGUF" + b"a" * 100)
+    chunks[1].write_bytes(b"b" * 50)
+    data = b"".join(c.read_bytes() for c in chunks)
+    import hashlib
+
+    spec = models.ModelSpec("tiny-chunked", "tiny.gguf", hashlib.sha256(data).hexdigest(), len(data),
+                            ("d1", "d2"), ("m1", "m2"), "pip install tiny")
+    monkeypatch.setattr(models, "_dist_file", lambda d, m: chunks[int(d[1:]) - 1])
+    cache = tmp_path / "cache"
+    (cache / "gguf").mkdir(parents=True)
+    (cache / "models").mkdir()
+    # what a killed run leaves: mkstemp / mkdtemp names next to the final ones
+    stale_file = cache / "gguf" / ".tiny.gguf.k1ll3d"
+    stale_file.write_bytes(b"x" * 4096)
+    stale_dir = cache / "models" / ".tiny-fp32.k1ll3d"
+    stale_dir.mkdir()
+    (stale_dir / "model.safetensors").write_bytes(b"x" * 4096)
+    keep = [cache / "gguf" / "other.gguf", cache / "models" / ".other-fp32.abc"]
+    keep[0].write_bytes(b"other")
+    keep[1].write_bytes(b"other model's temporary file")
+
+    out = models.assemble_gguf(spec, cache)
+    assert out.read_bytes() == data
+    assert not stale_file.exists()
+    assert all(k.exists() for k in keep)
+    # the de-quantize step cleans its own temporary dirs the same way (a corrupt GGUF fails after the cleanup)
+    with pytest.raises(models.ModelError, match="corrupt or unsupported GGUF"):
+        models.dequantize_gguf(out, spec.sha256, cache, "tiny-fp32")
+    assert not stale_dir.exists()
+    assert all(k.exists() for k in keep)
+    assert not [p for p in (cache / "models").iterdir() if p.name.startswith(".tiny-fp32.")]
+
+
+def test_prepared_model_is_found_without_a_lock_in_a_read_only_cache(tmp_path, monkeypatch) -> None:
+    import mech.models as models
+
+    spec = models.REGISTRY[models.DEFAULT_MODEL]
+    final = tmp_path / "models" / f"{spec.name}-fp32"
+    final.mkdir(parents=True)
+    (final / "model.safetensors").write_bytes(b"")
+    (final / "mech-manifest.json").write_text(json.dumps({"gguf_sha256": spec.sha256}))
+    before = _files(tmp_path)
+
+    def no_lock(*a, **k):
+        raise AssertionError("a prepared model took the preparation lock")
+
+    monkeypatch.setattr(models, "_prepare_lock", no_lock)
+    assert models.prepare(spec.name, tmp_path) == final
+    models.check_model_source(spec.name, tmp_path)
+    assert _files(tmp_path) == before
+
+
+def test_unwritable_cache_for_an_unprepared_model_is_one_line(tmp_path: Path, monkeypatch) -> None:
+    import mech.models as models
+
+    blocker = tmp_path / "cache"
+    blocker.write_text("a file where the cache dir should be")
+    spec = models.ModelSpec("ghost", "ghost.gguf", "0" * 64, 3, ("d1", "d2"), ("m1", "m2"), "pip install ghost")
+    monkeypatch.setattr(models, "_dist_file", lambda d, m: blocker)
+    with pytest.raises(models.ModelError) as ei:
+        models.assemble_gguf(spec, blocker / "sub")
+    assert "cannot prepare ghost.gguf in the cache dir" in _one_line(ei.value) and "--cache-dir" in str(ei.value)
+
+
+def test_hub_id_offline_fails_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    import mech.models as models
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t0 = time.perf_counter()
+    for call in (lambda: models.load_model("no-such-owner/no-such-model", cache_dir=tmp_path),
+                 lambda: models.check_model_source("no-such-owner/no-such-model", tmp_path),
+                 lambda: models.n_layers_of("no-such-owner/no-such-model", tmp_path)):
+        with pytest.raises(models.ModelError) as ei:
+            call()
+        msg = _one_line(ei.value)
+        assert "not in the local Hugging Face cache and HF_HUB_OFFLINE is set" in msg
+        assert "huggingface-cli download no-such-owner/no-such-model" in msg
+    assert time.perf_counter() - t0 < 5, "an offline hub id was retried"
+    assert not list(tmp_path.iterdir())
+
+
+def test_hub_id_unreachable_fails_within_seconds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    import mech.models as models
+
+    for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_dead_port()}")
+    t0 = time.perf_counter()
+    with pytest.raises(models.ModelError) as ei:
+        models.load_model("no-such-owner/no-such-model", cache_dir=tmp_path)
+    msg = _one_line(ei.value)
+    assert "not in the local Hugging Face cache and the hub could not be reached (127.0.0.1:" in msg
+    assert time.perf_counter() - t0 < 8
+
+
+def _dead_port() -> int:
+    """A local TCP port nothing listens on."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------------------------ the options
+
+
+class _Config:
+    """The part of pytest.Config that resolve_config reads."""
+
+    def __init__(self, **opts: object) -> None:
+        self.opts = opts
+
+    def getoption(self, name: str) -> object:
+        return self.opts.get(name, False if name == "no_cache" else None)
+
+
+@pytest.fixture
+def resolve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """resolve_config on the given options (no MECH_* env vars; the cache dir in tmp_path unless given)."""
+    import os
+
+    from fixtures.options import resolve_config
+
+    for k in list(os.environ):
+        if k.startswith("MECH_") or k == "RAY_ADDRESS":
+            monkeypatch.delenv(k)
+    monkeypatch.setenv("MECH_CACHE_DIR", str(tmp_path / "default-cache"))
+
+    def run(**opts: object):
+        return resolve_config(_Config(**opts))
+
+    return run
+
+
+def _usage_error(resolve, **opts: object) -> str:
+    with pytest.raises(pytest.UsageError) as ei:
+        resolve(**opts)
+    return _one_line(ei.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [("0", "--max-new-tokens must be >= 1, got 0: with no generated tokens every completion is empty"),
+     ("-5", "--max-new-tokens must be >= 1, got -5"),
+     ("lots", "--max-new-tokens must be an integer >= 1, got 'lots'"),
+     ("2.5", "must be an integer >= 1, got '2.5'")],
+)
+def test_max_new_tokens_must_be_a_positive_integer(resolve, value: str, fragment: str) -> None:
+    assert fragment in _usage_error(resolve, max_new_tokens=value)
+    assert resolve(max_new_tokens="1").max_new_tokens == 1
+
+
+def test_device_must_exist_and_be_available(resolve) -> None:
+    assert "--device 'gpu' is not one of auto, cpu, cuda, mps (or cuda:N)" in _usage_error(resolve, device="gpu")
+    assert resolve(device="cpu").device == "cpu"
+    if not torch.cuda.is_available():
+        msg = _usage_error(resolve, device="cuda")
+        assert msg == "--device cuda: CUDA is not available here; use --device cpu or auto"
+        assert "CUDA is not available" in _usage_error(resolve, device="cuda:1")
+    else:
+        n = torch.cuda.device_count()
+        assert f"this machine has {n} CUDA device(s)" in _usage_error(resolve, device=f"cuda:{n}")
+    if not torch.backends.mps.is_available():
+        assert _usage_error(resolve, device="mps").startswith("--device mps: MPS is not available here")
+
+
+def test_cache_dir_must_be_a_directory(resolve, tmp_path: Path) -> None:
+    a_file = tmp_path / "cache.txt"
+    a_file.write_text("not a directory")
+    msg = _usage_error(resolve, cache_dir=str(a_file))
+    assert msg == f"--cache-dir {a_file} is a file, not a directory; pass a directory (it is created if missing) with --cache-dir or MECH_CACHE_DIR"
+    msg = _usage_error(resolve, cache_dir=str(a_file / "sub"))
+    assert f"--cache-dir {a_file / 'sub'} cannot be created: {a_file} is a file" in msg
+    assert a_file.read_text() == "not a directory"
+    assert resolve(cache_dir=str(tmp_path / "new" / "cache")).cache_dir == tmp_path / "new" / "cache"
+    assert not (tmp_path / "new").exists(), "resolving the options created the cache dir"
+
+
+def test_ray_address_dead_host_port_is_refused_within_seconds(resolve) -> None:
+    import time
+
+    port = _dead_port()
+    t0 = time.perf_counter()
+    msg = _usage_error(resolve, ray_address=f"127.0.0.1:{port}")
+    assert f"--ray-address '127.0.0.1:{port}': nothing accepts connections at 127.0.0.1:{port}" in msg
+    assert "ray start --head" in msg
+    assert "is not host:port" in _usage_error(resolve, ray_address="my-cluster")
+    assert "unknown scheme" in _usage_error(resolve, ray_address="http://head:6379")
+    assert time.perf_counter() - t0 < 5
+
+
+def test_ray_address_of_a_silent_peer_is_refused_within_the_timeout() -> None:
+    """A peer that takes the connection but never answers (a hung host, a firewall that accepts): refused within
+    the timeout, not retried without end."""
+    import socket
+    import time
+
+    from mech.distributed import DistributedError, check_address
+
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()  # the kernel completes the handshake; nobody ever reads or answers
+        port = srv.getsockname()[1]
+        t0 = time.perf_counter()
+        with pytest.raises(DistributedError) as ei:
+            check_address(f"127.0.0.1:{port}", timeout=1.0)
+        assert time.perf_counter() - t0 < 3
+    assert "does not answer like a Ray cluster" in _one_line(ei.value)
+
+
+@contextlib.contextmanager
+def _server(reply: bytes) -> Iterator[int]:
+    """A local TCP server that answers every connection with ``reply``; yields its port."""
+    import socket
+    import threading
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    srv.settimeout(5)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(2)
+                with contextlib.suppress(OSError):
+                    conn.recv(64)
+                    conn.sendall(reply)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        yield srv.getsockname()[1]
+    finally:
+        srv.close()
+        t.join(5)
+
+
+SETTINGS_FRAME = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # what a gRPC server (Ray's GCS) answers first
+
+
+def test_ray_address_of_something_else_is_refused(resolve) -> None:
+    with _server(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n") as port:
+        msg = _usage_error(resolve, ray_address=f"127.0.0.1:{port}")
+    assert f"127.0.0.1:{port} accepts connections but does not answer like a Ray cluster (no gRPC)" in msg
+
+
+def test_ray_client_address_needs_the_client_extra(resolve, monkeypatch) -> None:
+    import mech.distributed as dist
+
+    monkeypatch.setattr(dist, "_client_installed", lambda: False)
+    msg = _usage_error(resolve, ray_address="ray://head:10001")
+    assert "uses the Ray client, which is not installed (no grpcio)" in msg
+    assert "pip install 'mech[ray-client]'" in msg and "ray[client]==2.60.0" in msg
+    monkeypatch.setattr(dist, "_client_installed", lambda: True)
+    port = _dead_port()
+    assert f"nothing accepts connections at 127.0.0.1:{port}" in _usage_error(resolve, ray_address=f"ray://127.0.0.1:{port}")
+    assert "nothing accepts connections at 127.0.0.1:10001" in _usage_error(resolve, ray_address="ray://127.0.0.1")
+
+
+def test_ray_address_auto_needs_a_running_cluster(resolve, monkeypatch) -> None:
+    from ray._private import services
+
+    monkeypatch.setattr(services, "find_gcs_addresses", lambda: [])
+    monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir=None: None)
+    msg = _usage_error(resolve, ray_address="auto")
+    assert msg.startswith("--ray-address auto: no running Ray cluster on this machine; start one with `ray start --head`")
+    port = _dead_port()  # a stale address file of a cluster that is gone
+    monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir=None: f"127.0.0.1:{port}")
+    assert f"nothing accepts connections at 127.0.0.1:{port}" in _usage_error(resolve, ray_address="auto")
+
+
+def test_ray_address_of_a_listening_cluster_passes(resolve) -> None:
+    with _server(SETTINGS_FRAME) as port:
+        cfg = resolve(ray_address=f" 127.0.0.1:{port} ")
+    assert cfg.ray_address == f"127.0.0.1:{port}" and cfg.distributed
+
+
+@pytest.mark.slow
+def test_ray_address_of_a_real_local_cluster_passes() -> None:
+    """Against a real Ray GCS (a local cluster, a few seconds): the gRPC probe recognises it, ``auto`` finds it."""
+    ray = pytest.importorskip("ray")
+    from mech.distributed import check_address
+
+    if ray.is_initialized():
+        pytest.skip("a Ray cluster is already initialized in this process")
+    ray.init(num_cpus=1, include_dashboard=False, object_store_memory=80 * 2**20, logging_level="ERROR")
+    try:
+        gcs = ray.get_runtime_context().gcs_address
+        assert check_address(gcs) == gcs
+        assert check_address("auto")
+    finally:
+        ray.shutdown()
+
+
+def test_options_are_resolved_once_per_session(tmp_path: Path, monkeypatch) -> None:
+    import fixtures.options as options
+
+    calls = []
+    real = options._resolve_config
+    monkeypatch.setattr(options, "_resolve_config", lambda c: calls.append(1) or real(c))
+    monkeypatch.setenv("MECH_CACHE_DIR", str(tmp_path))
+
+    class Config(_Config):
+        stash = pytest.Stash()
+
+    cfg = Config()
+    assert options.resolve_config(cfg) is options.resolve_config(cfg) and len(calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--max-new-tokens", "0"], "ERROR: --max-new-tokens must be >= 1, got 0"),
+        (["--cache-dir", "{file}"], "ERROR: --cache-dir {file} is a file, not a directory"),
+        (["--device", "cuda"], "ERROR: --device cuda: CUDA is not available here"),
+        (["--ray-address", "127.0.0.1:{port}"], "ERROR: --ray-address '127.0.0.1:{port}': nothing accepts connections"),
+    ],
+    ids=["max_new_tokens", "cache_dir_file", "device_cuda", "ray_dead"],
+)
+def test_suite_stops_with_one_line_before_the_model_loads(pytester: pytest.Pytester, tmp_path: Path, monkeypatch,
+                                                          args: list[str], message: str) -> None:
+    """``pytest hypotheses/`` with a bad option: one ERROR line (exit 4, a usage error), no traceback, and the
+    last reports and the cache left as they were."""
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    root = Path(__file__).resolve().parent.parent
+    a_file = tmp_path / "cache.txt"
+    a_file.write_text("keep me")
+    fill = {"file": str(a_file), "port": str(_dead_port())}
+    args = [a.format(**fill) for a in args]
+    message = message.format(**fill)
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    (reports / "findings.json").write_text('{"complete": true}')
+    (reports / "hypotheses.html").write_text("<html>last complete report</html>")
+    before = _files(tmp_path)
+    monkeypatch.setenv("MECH_REPORTS_DIR", str(reports))
+    result = pytester.runpytest_subprocess(
+        str(root / "hypotheses"), "--rootdir", str(root), "-c", str(root / "pyproject.toml"),
+        "-p", "no:cacheprovider", *args, timeout=120)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR, result.stdout.str()[-2000:] + result.stderr.str()[-2000:]
+    lines = result.stderr.lines + result.stdout.lines
+    errors = [line for line in lines if line.startswith("ERROR:")]
+    assert len(errors) == 1 and errors[0].startswith(message), errors
+    assert not [line for line in lines if "Traceback" in line]
+    assert _files(tmp_path) == before
