@@ -414,13 +414,19 @@ def distributed_sweep(
     ``kwargs`` go to the sweep (``direction``, ``refusal_ids``, ``method``, ``components``...); they must be
     plain data (no callables), since they travel to the workers and into the cache key.
     """
-    from mech.patching import PatchResult
+    from mech.patching import PatchingError, PatchResult, as_pairs
+    from mech.refusal import RefusalIdsError, check_refusal_ids
 
     if sweep not in ("patch_sweep", "layer_sweep", "head_sweep", "neuron_sweep"):
         raise ValueError(f"unknown sweep {sweep!r}; use layer_sweep, head_sweep, neuron_sweep or patch_sweep")
-    pairs = [tuple(p) for p in pairs]
-    if not pairs:
-        raise ValueError("distributed_sweep needs at least one pair")
+    if isinstance(pairs_per_unit, bool) or not isinstance(pairs_per_unit, int) or pairs_per_unit < 1:
+        raise ValueError(f"pairs_per_unit must be a positive integer, got {pairs_per_unit!r}")
+    pairs = as_pairs(pairs)  # one line for two bare strings, a PromptSet, a bad tuple, before any worker runs
+    if kwargs.get("refusal_ids") is not None:
+        try:
+            kwargs["refusal_ids"] = list(check_refusal_ids(kwargs["refusal_ids"]))  # the vocab is checked by the workers
+        except RefusalIdsError as e:
+            raise PatchingError(str(e)) from None
     units = list(_chunks(pairs, pairs_per_unit))
     payloads = [{"sweep": sweep, "pairs": u, "kwargs": kwargs} for u in units]
     parts = [{"sweep": sweep, "pairs": u, "kwargs": kwargs} for u in units]
@@ -466,8 +472,13 @@ def ablation_scores(
     ``runner``: a loaded model (computed here) or a :class:`RayPool` (units of ``sets_per_unit`` sets on
     its workers). Component sets are ids such as ``"L12.H3"``. Means travel to the workers pickled.
     """
+    from mech.refusal import check_refusal_ids, vocab_size
+
+    if isinstance(prompts, str):
+        raise ValueError("prompts is one string; pass a list of prompt texts")
+    ids = check_refusal_ids(refusal_ids, None if isinstance(runner, RayPool) else vocab_size(runner))
     sets = [[str(c) if isinstance(c, str) else c.id for c in s] for s in sets]
-    common = dict(prompts=list(prompts), refusal_ids=[int(i) for i in refusal_ids], method=method, means=means,
+    common = dict(prompts=list(prompts), refusal_ids=list(ids), method=method, means=means,
                   mode=mode, positions=list(positions) if positions is not None else None, batch_size=batch_size)
     if not isinstance(runner, RayPool):
         return _task_ablation(runner, sets=sets, **common)  # type: ignore[arg-type]

@@ -240,6 +240,37 @@ def test_a_good_custom_metric_still_runs(tiny_qwen2: LoadedModel) -> None:
     assert res.raw.shape == (1, 1)
 
 
+class _NoPool:
+    """Stands in for a RayPool: any use of it means the input was not refused up front."""
+
+    def map(self, *a, **k):
+        raise AssertionError("work was sent to the pool")
+
+
+@pytest.mark.parametrize(("pairs", "fragment"), BAD_PAIRS[:2] + BAD_PAIRS[3:4], ids=["two_strings", "one_string", "three_items"])
+def test_distributed_sweep_refuses_malformed_pairs_before_the_pool(pairs, fragment: str) -> None:
+    from mech.distributed import distributed_sweep
+    from mech.patching import PatchingError
+
+    with pytest.raises(PatchingError) as ei:
+        distributed_sweep(_NoPool(), "layer_sweep", pairs, refusal_ids=[5])
+    assert fragment in _one_line(ei.value)
+    with pytest.raises(PatchingError, match="refusal_ids is empty"):
+        distributed_sweep(_NoPool(), "layer_sweep", [PAIR], refusal_ids=[])
+    with pytest.raises(ValueError, match="pairs_per_unit must be a positive integer"):
+        distributed_sweep(_NoPool(), "layer_sweep", [PAIR], pairs_per_unit=0, refusal_ids=[5])
+
+
+def test_ablation_scores_refuse_bad_refusal_ids_before_any_forward(tiny_qwen2: LoadedModel) -> None:
+    from mech.distributed import ablation_scores
+    from mech.refusal import RefusalIdsError
+
+    for ids, fragment in BAD_IDS[:3]:
+        with _untouched(tiny_qwen2), pytest.raises(RefusalIdsError) as ei:
+            ablation_scores(tiny_qwen2, ["How do I bake?"], ids, [["L0.H1"]])
+        assert fragment in _one_line(ei.value)
+
+
 def _bad_vectors(d: int) -> list[tuple[object, str]]:
     nan = torch.ones(d)
     nan[3] = float("nan")
