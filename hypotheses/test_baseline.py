@@ -99,6 +99,8 @@ def test_score_separates(baseline, suite, claim):
     the lower 95% bootstrap bound of the AUROC ≥ 0.90 (the refusal tokens were derived on train prompts)."""
     h = [r["score"] for r in _rows(baseline, "harmful", splits=("val", "test"))]
     s = [r["score"] for r in _rows(baseline, "harmless", splits=("val", "test"))]
+    if not h or not s:
+        pytest.skip(f"held-out prompts: {len(h)} harmful, {len(s)} harmless; the AUROC needs both")
     a = auroc(h, s)
     pairs = np.array([[x, y] for x, y in zip(h, s, strict=False)])
 
@@ -109,6 +111,8 @@ def test_score_separates(baseline, suite, claim):
     claim.result(statistic=a.auroc, p_value=a.p_value, effect=a.auroc, ci=[lo, hi], n=len(h) + len(s),
                  threshold=suite.auroc_min, test="AUROC (Mann–Whitney U), bootstrap CI over pairs",
                  null="AUROC 0.5 (p); the claim needs the lower bound ≥ the threshold")
+    claim.uses({"uses": {"select": [r["id"] for r in baseline["rows"] if r["split"] == "train"],
+                         "judge": [r["id"] for r in baseline["rows"] if r["split"] in ("val", "test")]}})
     claim.figure(plots.score_histogram({"harmful": h, "harmless": s,
                                         "benign but alarming": [r["score"] for r in baseline["rows"] if r["split"] == "benign"]}),
                  "Logit refusal score (held-out prompts)")

@@ -269,3 +269,25 @@ def test_real_param_fractions(real_lm):
     one_head = s.d_head * (s.d_model + 1) * (1 + 2 / group) + s.d_model * s.d_head
     assert component_param_count(real_lm, "L12.H3") == pytest.approx(one_head)
     assert param_fraction(real_lm, ["L12.H3"]) == pytest.approx(one_head / br["total"])
+
+
+def test_random_components_match_layers_is_the_matched_null(tiny_qwen2):
+    """``match_layers``: the same number of heads in each layer as the ranked set, never the ranked heads'
+    layer distribution ignored; reproducible under the seed."""
+    import numpy as np
+
+    from mech.ablation import random_components
+
+    ranked = ["L0.H1", "L1.H0", "L1.H2"]
+    draws = [random_components(tiny_qwen2, ranked, np.random.default_rng(3), match_layers=True) for _ in range(2)]
+    assert [c.id for c in draws[0]] == [c.id for c in draws[1]]
+    seen = set()
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        d = random_components(tiny_qwen2, ranked, rng, match_layers=True)
+        assert sorted(c.layer for c in d) == [0, 1, 1] and len({c.id for c in d}) == 3
+        seen |= {c.id for c in d}
+    assert len(seen) > 3  # it does draw other heads of those layers
+    with pytest.raises(ValueError, match="in layer 1"):
+        random_components(tiny_qwen2, [f"L1.H{h}" for h in range(tiny_qwen2.shape.n_heads)] + ["L1.H0"],
+                          rng, match_layers=True)

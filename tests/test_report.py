@@ -8,9 +8,11 @@ from __future__ import annotations
 import ast
 import csv
 import json
+import os
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,7 +20,11 @@ from fixtures.tiny_models import build_tiny_model
 from mech.prompts import default_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
-_RUN: dict[str, Path] = {}
+VERDICTS = {"supported", "NOT supported", "error", "not tested"}
+# every fixture and claim runs on a tiny random model: the refusal gate is opened and the null sizes shrunk
+TINY_SET = ["--set", "min_refusals=0", "--set", "gate_separation=false", "--set", "n_random_primary=5",
+            "--set", "n_probe_shuffles=10", "--set", "n_label_shuffles=10", "--set", "n_random_directions=3",
+            "--set", "n_bootstrap=200", "--set", "n_random_curve=2", "--set", "n_random_per_category=1"]
 
 
 def _claim_functions() -> set[str]:
@@ -36,7 +42,7 @@ def _small_prompt_file(path: Path) -> Path:
     ps = default_pairs()
     rows = []
     for cat in ("cybercrime", "fraud"):
-        for h, s in ps.by_category(cat).pairs()[:6]:
+        for h, s in ps.by_category(cat).pairs()[:8]:
             rows += [h, s]
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
@@ -46,69 +52,126 @@ def _small_prompt_file(path: Path) -> Path:
     return path
 
 
-@pytest.mark.slow
-def test_suite_runs_on_a_tiny_model(pytester: pytest.Pytester, tmp_path: Path, monkeypatch):
+def run_suite(pytester: pytest.Pytester, model_dir: Path, work: Path, *extra: str) -> tuple[Any, Path]:
+    """Run ``pytest hypotheses/`` on ``model_dir`` in a subprocess; returns (result, reports dir)."""
+    reports = work / "reports"
+    os.environ["MECH_REPORTS_DIR"] = str(reports)
+    try:
+        result = pytester.runpytest_subprocess(
+            str(ROOT / "hypotheses"), "--rootdir", str(ROOT), "-c", str(ROOT / "pyproject.toml"),
+            "--model", str(model_dir), "--prompts", str(_small_prompt_file(work / "prompts.csv")),
+            "--cache-dir", str(work / "cache"), "--max-new-tokens", "4", "-p", "no:cacheprovider", "-q",
+            "--tb=line", *extra, timeout=900)
+    finally:
+        del os.environ["MECH_REPORTS_DIR"]
+    return result, reports
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The whole suite on a tiny qwen2 model, once for this module."""
+    work = tmp_path_factory.mktemp("suite")
     tiny = build_tiny_model("qwen2", seed=0)
-    model_dir = tmp_path / "tiny-qwen2"
+    model_dir = work / "tiny-qwen2"
     tiny.model.save_pretrained(model_dir)
     tiny.tokenizer.save_pretrained(model_dir)
-    reports = tmp_path / "reports"
-    monkeypatch.setenv("MECH_REPORTS_DIR", str(reports))
-    result = pytester.runpytest_subprocess(
-        str(ROOT / "hypotheses"),
-        "--rootdir", str(ROOT), "-c", str(ROOT / "pyproject.toml"),
-        "--model", str(model_dir), "--prompts", str(_small_prompt_file(tmp_path / "prompts.csv")),
-        "--cache-dir", str(tmp_path / "cache"), "--max-new-tokens", "4",
-        "-p", "no:cacheprovider", "-q", "--tb=line",
-        timeout=900,
-    )
-    outcomes = result.parseoutcomes()
-    assert "errors" not in outcomes and "error" not in outcomes, result.stdout.str()[-3000:]
-    assert outcomes.get("passed", 0) + outcomes.get("failed", 0) > 0
-
-    findings = json.loads((reports / "findings.json").read_text())
-    got = {nodeid.split("::")[1].split("[")[0] for nodeid in findings["findings"]}
-    assert got == _claim_functions(), f"claims missing from findings.json: {_claim_functions() - got}"
-    for nodeid, f in findings["findings"].items():
-        assert f["verdict"] in ("supported", "NOT supported"), nodeid
-        assert f["numbers"], f"{nodeid} recorded no statistics"
-        assert f["doc"], f"{nodeid} states no claim"
-    assert findings["summary"]["claims"] == len(findings["findings"])
-    assert json.loads((reports / "baseline.json").read_text())["categories"]["all"]["harmful"]["n"] == 12
-
-    html = (reports / "hypotheses.html").read_text()
-    assert "Plotly" in html and not re.search(r"<script[^>]+src=[\"']https?://", html)  # plotly.js inlined
-    for name in _claim_functions():
-        assert name in html
-    _RUN["html"] = reports / "hypotheses.html"
-    _RUN["n_tests"] = outcomes.get("passed", 0) + outcomes.get("failed", 0) + outcomes.get("skipped", 0)
-    _RUN["model_dir"], _RUN["findings"] = model_dir, findings
+    return {"work": work, "model_dir": model_dir}
 
 
 @pytest.mark.slow
-def test_suite_under_xdist_gives_the_same_findings(pytester: pytest.Pytester, tmp_path: Path, monkeypatch):
-    """``-n 2`` on a fresh cache: two workers share the sweeps through the cache's file locks, and every claim
-    comes out with the same verdict and numbers as the serial run."""
-    if "findings" not in _RUN:
-        pytest.skip("the serial suite run did not complete")
-    reports = tmp_path / "reports"
-    monkeypatch.setenv("MECH_REPORTS_DIR", str(reports))
-    result = pytester.runpytest_subprocess(
-        str(ROOT / "hypotheses"), "-n", "2",
-        "--rootdir", str(ROOT), "-c", str(ROOT / "pyproject.toml"),
-        "--model", str(_RUN["model_dir"]), "--prompts", str(_small_prompt_file(tmp_path / "prompts.csv")),
-        "--cache-dir", str(tmp_path / "cache"), "--max-new-tokens", "4",
-        "-p", "no:cacheprovider", "-q", "--tb=line",
-        timeout=900,
-    )
+def test_suite_runs_on_a_tiny_model(pytester: pytest.Pytester, tiny_run):
+    result, reports = run_suite(pytester, tiny_run["model_dir"], tiny_run["work"], "--verdict-exit", *TINY_SET)
     outcomes = result.parseoutcomes()
-    assert "errors" not in outcomes and "error" not in outcomes, result.stdout.str()[-3000:]
-    serial = _RUN["findings"]["findings"]
-    parallel = json.loads((reports / "findings.json").read_text())["findings"]
+    assert result.ret == 0, result.stdout.str()[-3000:]  # --verdict-exit: every claim got a verdict, none erred
+    findings = json.loads((reports / "findings.json").read_text())
+    assert set(findings) >= {"config", "model", "summary", "claims", "data_use", "run"}
+    assert findings["run"]["complete"] and findings["config"]["n_random_primary"] == 5
+    assert findings["model"]["sha256"] and findings["model"]["dtype"] == "float32"
+    got = {c["id"].split("::")[1].split("[")[0] for c in findings["claims"]}
+    assert got == _claim_functions(), f"claims missing from findings.json: {_claim_functions() - got}"
+    for c in findings["claims"]:
+        assert c["verdict"] in VERDICTS - {"error"}, (c["id"], c["message"])
+        assert c["hypothesis"] in ("baseline", "H1", "H2", "H3", "H4"), c["id"]
+        assert c["claim"] and c["claim"] != c["id"], f"{c['id']} states no claim"
+        if c["verdict"] != "not tested":
+            assert c["test"] and c["n"] is not None, f"{c['id']} names no test or n"
+        else:
+            assert c["message"], f"{c['id']} is not tested without a reason"
+    prim = [c for c in findings["claims"] if c["primary"]]
+    assert sorted(c["hypothesis"] for c in prim) == ["H1", "H2", "H3", "H4", "baseline"]
+    for c in prim:
+        if c["p_value"] is not None and c["verdict"] != "not tested":
+            assert c["p_adjusted"] is not None and c["p_adjusted"] >= c["p_value"]
+    s = findings["summary"]
+    assert s["claims"] == len(findings["claims"]) == sum(s[k] for k in ("supported", "not_supported", "error", "not_tested"))
+    assert s["claims"] == sum(outcomes.get(k, 0) for k in ("passed", "failed", "skipped")) - 2  # 2 snapshot tests
+    html = (reports / "hypotheses.html").read_text()
+    assert "Plotly" in html and not re.search(r"<script[^>]+src=[\"']https?://", html)  # plotly.js inlined
+    assert "Primary claims" in html and "Suite configuration" in html
+    for name in _claim_functions():
+        assert name in html
+    tiny_run["findings"] = findings
+    tiny_run["html"] = reports / "hypotheses.html"
+    tiny_run["n_tests"] = sum(outcomes.get(k, 0) for k in ("passed", "failed", "skipped"))
+
+
+@pytest.mark.slow
+def test_no_claim_judges_on_prompts_it_selected_on(tiny_run):
+    """Every fixture's selection prompts (rankings, means, directions, probes, refusal tokens) are disjoint from
+    the prompts its claims are judged on."""
+    if "findings" not in tiny_run:
+        pytest.skip("the suite run did not complete")
+    use = tiny_run["findings"]["data_use"]
+    assert len(use) >= 10
+    for nodeid, roles in use.items():
+        assert roles.get("judge"), f"{nodeid} records no judged prompts"
+        overlap = set(roles.get("select", ())) & set(roles["judge"])
+        assert not overlap, f"{nodeid} judges on prompts it selected on: {sorted(overlap)[:5]}"
+
+
+@pytest.mark.slow
+def test_default_gate_marks_a_non_refusing_model_not_tested(pytester: pytest.Pytester, tiny_run):
+    """With the shipped configuration, a model that does not refuse gets NOT supported baselines and no
+    downstream claim is tested, each saying why (the machinery of the smollm2 negative control)."""
+    result, reports = run_suite(pytester, tiny_run["model_dir"], tiny_run["work"] / "gate", "--verdict-exit")
+    assert result.ret == 0, result.stdout.str()[-3000:]
+    claims = json.loads((reports / "findings.json").read_text())["claims"]
+    assert [c["verdict"] for c in claims if c["primary"] and c["hypothesis"] == "baseline"] == ["NOT supported"]
+    downstream = [c for c in claims if c["hypothesis"] != "baseline"]
+    assert downstream and all(c["verdict"] == "not tested" for c in downstream)
+    assert all("no refusal to explain" in c["message"] for c in downstream)
+
+
+@pytest.mark.slow
+def test_partial_run_keeps_the_last_complete_report(pytester: pytest.Pytester, tiny_run):
+    if "findings" not in tiny_run:
+        pytest.skip("the suite run did not complete")
+    reports = tiny_run["html"].parent
+    before = {p: p.read_bytes() for p in (reports / "findings.json", reports / "hypotheses.html")}
+    result, _ = run_suite(pytester, tiny_run["model_dir"], tiny_run["work"], "-k", "baseline", *TINY_SET)
+    assert result.ret in (0, 1)
+    assert {p: p.read_bytes() for p in before} == before, "a -k run overwrote the complete report"
+    partial = json.loads((reports / "findings.partial.json").read_text())
+    assert not partial["run"]["complete"] and partial["run"]["keyword"] == "baseline"
+    assert all(c["hypothesis"] == "baseline" for c in partial["claims"])
+    assert "Partial run" in (reports / "hypotheses.partial.html").read_text()
+
+
+@pytest.mark.slow
+def test_suite_under_xdist_gives_the_same_findings(pytester: pytest.Pytester, tiny_run):
+    """``-n 2`` on a fresh cache: two workers share the sweeps through the cache, and every claim comes out
+    with the same verdict and numbers as the serial run."""
+    if "findings" not in tiny_run:
+        pytest.skip("the serial suite run did not complete")
+    result, reports = run_suite(pytester, tiny_run["model_dir"], tiny_run["work"] / "xdist", "-n", "2", *TINY_SET)
+    assert result.ret in (0, 1), result.stdout.str()[-3000:]
+    serial = {c["id"]: c for c in tiny_run["findings"]["claims"]}
+    parallel = {c["id"]: c for c in json.loads((reports / "findings.json").read_text())["claims"]}
     assert parallel.keys() == serial.keys()
-    for nodeid, f in serial.items():
-        assert parallel[nodeid]["verdict"] == f["verdict"], nodeid
-        assert json.dumps(parallel[nodeid]["numbers"], sort_keys=True) == json.dumps(f["numbers"], sort_keys=True), nodeid
+    for nodeid, c in serial.items():
+        assert parallel[nodeid]["verdict"] == c["verdict"], nodeid
+        for key in ("numbers", "statistic", "p_value", "p_adjusted", "effect", "ci"):
+            assert json.dumps(parallel[nodeid][key], sort_keys=True) == json.dumps(c[key], sort_keys=True), (nodeid, key)
 
 
 def _chromium() -> str | None:
@@ -119,8 +182,8 @@ def _chromium() -> str | None:
 
 
 @pytest.mark.slow
-def test_report_renders_in_a_real_browser():
-    if "html" not in _RUN:
+def test_report_renders_in_a_real_browser(tiny_run):
+    if "html" not in tiny_run:
         pytest.skip("the suite run above did not produce a report")
     browser = _chromium()
     assert browser, "Chromium is missing: `make setup` installs Debian's chromium package"
@@ -134,7 +197,7 @@ def test_report_renders_in_a_real_browser():
             page = b.new_page()
             requests: list[str] = []
             page.on("request", lambda r: requests.append(r.url))
-            page.goto(_RUN["html"].as_uri())
+            page.goto(tiny_run["html"].as_uri())
             page.wait_for_function("document.querySelectorAll('div.mech-fig').length > 0 && "
                                    "[...document.querySelectorAll('div.mech-fig')].every(d => d.querySelector('svg.main-svg'))",
                                    timeout=30_000)
@@ -144,7 +207,7 @@ def test_report_renders_in_a_real_browser():
             claims_text = page.inner_text("#results-table")
         finally:
             b.close()
-    assert rows == _RUN["n_tests"], f"{rows} rows for {_RUN['n_tests']} tests"
+    assert rows == tiny_run["n_tests"], f"{rows} rows for {tiny_run['n_tests']} tests"
     assert figs >= 8 and drawn >= figs, f"{figs} figures, {drawn} drawn"
     for name in _claim_functions():
         assert name in claims_text
@@ -163,3 +226,120 @@ def test_bad_scale_options_are_one_line_usage_errors(pytester: pytest.Pytester, 
     assert result.ret != 0
     errors = [line for line in result.stderr.lines + result.stdout.lines if line.startswith("ERROR:")]
     assert len(errors) == 1 and msg in errors[0], errors
+
+
+_SYNTHETIC = """
+import pytest
+
+pytestmark = [pytest.mark.localized_circuit]
+
+
+@pytest.mark.primary
+def test_holds(claim):
+    \"\"\"A claim whose assertion holds.\"\"\"
+    claim.result(p_value=0.001, effect=1.0, n=10, test="t")
+    assert True
+
+
+def test_refuted(claim):
+    \"\"\"A claim whose assertion fails.\"\"\"
+    claim.result(p_value=0.5, n=10, test="t")
+    assert 0.5 < 0.05, "p = 0.5"
+
+
+def test_crashes(claim):
+    \"\"\"A claim whose code has a bug.\"\"\"
+    {}["missing"]
+
+
+def test_library_assert(claim):
+    \"\"\"An assert inside a helper, not the claim: a bug.\"\"\"
+    from helper import check
+    check()
+
+
+@pytest.fixture
+def broken():
+    raise RuntimeError("fixture bug")
+
+
+def test_setup_error(broken, claim):
+    \"\"\"A claim whose fixture crashes.\"\"\"
+
+
+def test_untestable(claim):
+    \"\"\"A claim the data cannot support.\"\"\"
+    pytest.skip("the model refuses 2 of 33 harmful prompts")
+"""
+
+
+@pytest.mark.parametrize("verdict_exit", [False, True])
+def test_verdicts_and_exit_codes(pytester: pytest.Pytester, tmp_path: Path, monkeypatch, verdict_exit: bool):
+    """An assert in the claim is NOT supported; any other exception (call, setup, or an assert in a helper) is
+    an error, never a finding; a skip is not tested with its reason. --verdict-exit exits 1 on errors."""
+    pytester.makeconftest('pytest_plugins = ["fixtures.options", "fixtures.config", "fixtures.report"]\n'
+                          'def pytest_configure(config):\n'
+                          '    config.addinivalue_line("markers", "localized_circuit: H1")\n')
+    pytester.makepyfile(helper="def check():\n    assert 1 == 2, 'inside the library'\n")
+    pytester.makepyfile(test_claims=_SYNTHETIC)
+    monkeypatch.setenv("PYTHONPATH", f"{ROOT}{os.pathsep}{pytester.path}")
+    monkeypatch.setenv("MECH_REPORTS_DIR", str(tmp_path))
+    args = ["-p", "no:cacheprovider", "-q"] + (["--verdict-exit"] if verdict_exit else [])
+    result = pytester.runpytest_subprocess(*args)
+    findings = json.loads((tmp_path / "findings.partial.json").read_text())  # not the whole hypotheses/ suite
+    got = {c["id"].split("::")[1]: c for c in findings["claims"]}
+    assert {k: c["verdict"] for k, c in got.items()} == {
+        "test_holds": "supported", "test_refuted": "NOT supported", "test_crashes": "error",
+        "test_library_assert": "error", "test_setup_error": "error", "test_untestable": "not tested"}
+    assert "KeyError" in got["test_crashes"]["message"] and "fixture bug" in got["test_setup_error"]["message"]
+    assert got["test_untestable"]["message"] == "the model refuses 2 of 33 harmful prompts"
+    assert got["test_holds"]["p_adjusted"] == 0.001  # the only primary: Holm over one test
+    assert findings["summary"]["error"] == 3
+    assert result.ret == 1  # errors: non-zero either way (pytest: failures; --verdict-exit: errors)
+
+
+def _rows_file(path: Path, *, pair_ids: bool = True, harmless: bool = True, single: bool = False) -> Path:
+    ps = default_pairs()
+    rows = []
+    for cat in ("cybercrime", "fraud"):
+        for h, s in ps.by_category(cat).pairs()[:8]:
+            rows += [h, s] if harmless else [h]
+    if single:
+        rows.append(ps.by_category("drugs").harmful().prompts[0])
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["id", "prompt", "label", "category"] + (["pair_id"] if pair_ids else []))
+        for p in rows:
+            w.writerow([p.id, p.prompt, p.label, p.category] + ([p.pair_id] if pair_ids else []))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, reason", [
+    ("no_pair_id", "matched (harmful, harmless) pairs"),
+    ("harmful_only", "no held-out harmless prompts"),
+    ("single_row_category", None),
+])
+def test_what_the_prompt_set_cannot_support_is_not_tested(pytester: pytest.Pytester, tiny_run, kind, reason):
+    """A valid prompt file without pair_id, with only harmful rows, or with a one-row category: every claim gets
+    a verdict (claims it cannot support are `not tested`, saying why), none crashes."""
+    work = tiny_run["work"] / kind
+    work.mkdir()
+    f = _rows_file(work / "rows.csv", pair_ids=kind != "no_pair_id", harmless=kind != "harmful_only",
+                   single=kind == "single_row_category")
+    reports = work / "reports"
+    os.environ["MECH_REPORTS_DIR"] = str(reports)
+    try:
+        result = pytester.runpytest_subprocess(
+            str(ROOT / "hypotheses"), "--rootdir", str(ROOT), "-c", str(ROOT / "pyproject.toml"),
+            "--model", str(tiny_run["model_dir"]), "--prompts", str(f), "--cache-dir", str(work / "cache"),
+            "--max-new-tokens", "4", "-p", "no:cacheprovider", "-q", "--tb=line", "--verdict-exit", *TINY_SET,
+            timeout=900)
+    finally:
+        del os.environ["MECH_REPORTS_DIR"]
+    claims = json.loads((reports / "findings.json").read_text())["claims"]
+    errors = [(c["id"], c["message"]) for c in claims if c["verdict"] == "error"]
+    assert not errors and result.ret == 0, errors or result.stdout.str()[-2000:]
+    if reason:
+        assert any(reason in c["message"] for c in claims if c["verdict"] == "not tested"), \
+            [c["message"] for c in claims if c["verdict"] == "not tested"]

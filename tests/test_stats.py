@@ -98,3 +98,35 @@ def test_results_are_json_serializable():
     text = json.dumps([x.to_dict() for x in items])
     assert "NaN" not in text
     assert jsonable({"a": (np.float32(1.5), np.int64(2), float("nan"))}) == {"a": [1.5, 2, None]}
+
+
+def test_bootstrap_ci_covers_the_mean_and_handles_pairs():
+    import numpy as np
+
+    from mech.stats import bootstrap_ci
+
+    x = np.random.default_rng(0).normal(2.0, 1.0, 200)
+    lo, hi = bootstrap_ci(x, n_resamples=500)
+    assert lo < x.mean() < hi and hi - lo < 0.5
+    a, b = x, x * 2
+    lo, hi = bootstrap_ci((a, b), lambda u, v: float(np.mean(u) / np.mean(v)), n_resamples=300)
+    assert lo == pytest.approx(0.5) and hi == pytest.approx(0.5)  # paired: the ratio never moves
+    assert bootstrap_ci([1.0, 1.0, 1.0]) == (1.0, 1.0)
+
+
+def test_detectable_effects():
+    from mech.stats import (
+        binomial_detectable_rate,
+        binomial_pvalue,
+        mcnemar_detectable_flips,
+        null_detectable_shift,
+    )
+
+    r = binomial_detectable_rate(121, 0.8, 0.05, "greater")
+    k = round(r * 121)
+    assert binomial_pvalue(k, 121, 0.8, "greater") < 0.05 <= binomial_pvalue(k - 1, 121, 0.8, "greater")
+    assert binomial_detectable_rate(11, 0.8, 0.05, "greater") != binomial_detectable_rate(11, 0.8, 0.05, "greater")  # NaN
+    assert mcnemar_detectable_flips(0.05, 30) == 5 and mcnemar_detectable_flips(0.01, 6) is None
+    null = list(range(100))  # mean 49.5; with 100 draws at most 4 as extreme keeps p = 5/101 < 0.05
+    assert null_detectable_shift(null, 0.05, "less") == pytest.approx(4 - 49.5)
+    assert null_detectable_shift(null[:10], 0.05, "less") != null_detectable_shift(null[:10], 0.05, "less")  # NaN
