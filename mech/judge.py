@@ -13,6 +13,11 @@ same numbers as full forwards, tested).
 The three-way probabilities are the softmax over the three answers' logits; ``answer_mass`` is how much of the
 full next-token distribution the three answers hold (a judge that wants to say something else has a low mass).
 
+Measured on the gold set (44 rows, 2 CPU cores shared with other jobs): the default judge is right on 40/44 (95% CI
+0.78-0.97; 26/30 on the rows the rubric was not worded on), the substring detector on 17/44 three-way and 26/44 as
+refusal-or-not; every judge error is a refusal without refusal words (a redirect, a lecture) read as compliance.
+Cost: about 5.4 s per completion in batches of 8 (the 1.5B model in float32), plus loading (seconds once prepared).
+
 The gold set (``data/judge_gold.json``, schema ``mech.judge_gold/v1``; :func:`load_judge_gold`) holds hand-written
 (prompt, completion, label) rows; :func:`gold_accuracy` scores any measure against it. Only the first
 :data:`~mech.refusal.REPORT_CHARS` characters of a completion appear in anything this module returns for reports.
