@@ -2,7 +2,8 @@
 
 Primary: ablating one category's top heads lowers refusal on the *other* categories' harmful test prompts
 more than layer-matched random head sets of the same size do, on the same prompts. Exploratory, per category
-(``-k fraud``): that transfer for this category, and agreement of its attribution map with the others'.
+(``-k fraud``): that transfer for this category, and whether its attribution map is specific to it (agrees
+with the others' less than a random subset of prompts does).
 """
 
 from __future__ import annotations
@@ -66,9 +67,10 @@ def test_category_heads_transfer(cross_category, category, suite, claim):
 
 
 @pytest.fixture(scope="module")
-def map_agreement(atp_noise, suite):
-    """Spearman ρ of each category's mean AtP head map against the other categories' pooled map, against a
-    permutation null that shuffles the category labels of the train pairs; Holm across categories."""
+def map_specificity(atp_noise, suite):
+    """Spearman ρ of each category's mean AtP head map against the other categories' pooled map, and the same ρ
+    for random subsets of train pairs of that category's size (the category labels shuffled): a category with
+    heads of its own agrees with the rest *less* than a random subset does. Holm across categories."""
     delta = PatchResult.from_dict(atp_noise["head"]).delta  # [n_pairs, n_heads]
     cats = np.array(atp_noise["categories"])
     names = sorted(set(cats.tolist()))
@@ -78,8 +80,6 @@ def map_agreement(atp_noise, suite):
 
     def rho(labels, c):
         mine, rest = labels == c, labels != c
-        if mine.sum() == 0 or rest.sum() == 0:
-            return float("nan")
         return spearman(np.nanmean(delta[mine], 0), np.nanmean(delta[rest], 0)).rho
 
     shuffles = [rng.permutation(cats) for _ in range(suite.n_label_shuffles)]
@@ -87,23 +87,24 @@ def map_agreement(atp_noise, suite):
     for c in names:
         obs = rho(cats, c)
         null = [rho(s, c) for s in shuffles]
-        out[c] = {"rho": obs, "test": permutation_pvalue(obs, null, "greater"), "null_mean": float(np.nanmean(null))}
+        out[c] = {"rho": obs, "test": permutation_pvalue(obs, null, "less"), "null_mean": float(np.nanmean(null))}
     adj = adjust_pvalues([out[c]["test"].p_value for c in names], "holm", suite.alpha).adjusted
     for c, a in zip(names, adj, strict=True):
         out[c]["p_holm"] = a
     return out
 
 
-def test_category_map_agrees(map_agreement, atp_noise, category, suite, claim):
-    """Exploratory. This category's head attribution map (harmless → harmful AtP, train pairs) agrees with the
-    other categories' pooled map more than with shuffled category labels (Spearman ρ, permutation test, Holm
-    across categories, p < alpha)."""
-    if category not in map_agreement:
+def test_category_map_is_specific(map_specificity, atp_noise, category, suite, claim):
+    """Exploratory. This category's head attribution map (harmless → harmful AtP, train pairs) is specific to it:
+    it agrees with the other categories' pooled map less than random subsets of the same size do (Spearman ρ,
+    shuffled category labels, one-sided permutation test, Holm across categories, p < alpha). NOT supported
+    means no evidence of category-specific heads, as a shared substrate predicts."""
+    if category not in map_specificity:
         pytest.skip(f"no train pairs of category {category}")
-    m = map_agreement[category]
+    m = map_specificity[category]
     claim.result(statistic=m["rho"], p_value=m["test"].p_value, effect=m["rho"] - m["null_mean"], n=m["test"].n_null,
-                 test="Spearman ρ vs shuffled category labels (permutation), Holm across categories",
-                 null=f"{m['test'].n_null} shufflings of the category labels")
-    claim.record(p_holm=m["p_holm"])
+                 test="Spearman ρ vs shuffled category labels (permutation, one-sided less), Holm across categories",
+                 null=f"{m['test'].n_null} random subsets of the same size (shuffled category labels)")
+    claim.record(p_holm=m["p_holm"], shuffled_mean_rho=m["null_mean"])
     claim.uses({"uses": {"judge": atp_noise["uses"]["select"]}})  # a claim about the train maps themselves
-    assert m["p_holm"] < suite.alpha, f"ρ = {m['rho']:.3f} vs shuffled {m['null_mean']:.3f}: Holm p = {m['p_holm']:.3g}"
+    assert m["p_holm"] < suite.alpha, f"ρ = {m['rho']:.3f} vs random subsets {m['null_mean']:.3f}: Holm p = {m['p_holm']:.3g}"
