@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from scipy.stats import wilcoxon
 
+from fixtures.common import require_gate
 from mech import plots
 from mech.patching import PatchResult
 from mech.stats import adjust_pvalues, bootstrap_ci, permutation_pvalue, spearman
@@ -67,10 +68,11 @@ def test_category_heads_transfer(cross_category, category, suite, claim):
 
 
 @pytest.fixture(scope="module")
-def map_specificity(atp_noise, suite):
+def map_specificity(atp_noise, refusal_gate, suite):
     """Spearman ρ of each category's mean AtP head map against the other categories' pooled map, and the same ρ
     for random subsets of train pairs of that category's size (the category labels shuffled): a category with
     heads of its own agrees with the rest *less* than a random subset does. Holm across categories."""
+    require_gate(refusal_gate)  # attribution to a refusal score means nothing for a model that does not refuse
     delta = PatchResult.from_dict(atp_noise["head"]).delta  # [n_pairs, n_heads]
     cats = np.array(atp_noise["categories"])
     names = sorted(set(cats.tolist()))

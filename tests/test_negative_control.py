@@ -30,10 +30,11 @@ def test_suite_finds_no_refusal_mechanism_in_a_model_that_does_not_refuse(pytest
     findings = json.loads((tmp_path / "findings.json").read_text())
     assert findings["model"]["name"] == "smollm2-135m-instruct" and findings["run"]["complete"]
     claims = findings["claims"]
-    base = {c["id"].split("::")[1]: c for c in claims if c["hypothesis"] == "baseline"}
+    base = {c["id"].split("::")[1]: c for c in claims if c["hypothesis"] == "baseline"}  # by claim id
     assert base["test_harmful_refusal_rate"]["verdict"] == "NOT supported"
     assert base["test_harmful_refusal_rate"]["statistic"] < 0.2  # it refuses almost nothing
     assert base["test_score_separates"]["verdict"] == "NOT supported"
+    assert not [c["id"] for c in base.values() if c["verdict"] == "supported"], "a baseline claim holds for a non-refuser"
     downstream = [c for c in claims if c["hypothesis"] != "baseline"]
     assert len(downstream) >= 10
     supported = [c["id"] for c in downstream if c["verdict"] == "supported"]
