@@ -11,7 +11,7 @@ def rate_bars(rates: Mapping[str, Mapping[str, Mapping[str, float]]], title: str
     """Grouped bars with 95% CI error bars. ``rates[series][category] = {"rate", "low", "high"}``."""
     fig = go.Figure()
     for series, by_cat in rates.items():
-        cats = list(by_cat)
+        cats = [c for c in by_cat if by_cat[c].get("rate") is not None]  # a category without prompts has no rate
         r = [by_cat[c]["rate"] for c in cats]
         fig.add_bar(
             name=series,

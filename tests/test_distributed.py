@@ -163,7 +163,7 @@ def test_suite_option_workers_fans_out(pytester: pytest.Pytester, saved: Path, t
     controls run on a 2-worker Ray pool and give the serial run's verdicts and numbers (within 1e-4)."""
     import json
 
-    from tests.test_report import ROOT, _small_prompt_file
+    from tests.test_report import ROOT, TINY_SET, _small_prompt_file
 
     prompts = _small_prompt_file(tmp_path / "prompts.csv")
     runs = {}
@@ -173,13 +173,16 @@ def test_suite_option_workers_fans_out(pytester: pytest.Pytester, saved: Path, t
             str(ROOT / "hypotheses"), "--rootdir", str(ROOT), "-c", str(ROOT / "pyproject.toml"),
             "--model", str(saved), "--prompts", str(prompts), "--cache-dir", str(tmp_path / f"cache-{name}"),
             "--max-new-tokens", "4", "-p", "no:cacheprovider", "-q", "--tb=line",
-            "-k", "localized_circuit or resid_patching", *extra, timeout=900)
+            "-k", "localized_circuit or resid_patching", *TINY_SET, *extra, timeout=900)
         outcomes = result.parseoutcomes()
         assert "errors" not in outcomes and "error" not in outcomes, result.stdout.str()[-3000:]
-        runs[name] = json.loads((tmp_path / f"reports-{name}" / "findings.json").read_text())["findings"]
+        partial = json.loads((tmp_path / f"reports-{name}" / "findings.partial.json").read_text())  # -k: partial
+        runs[name] = {c["id"]: c for c in partial["claims"]}
+        assert not [c for c in partial["claims"] if c["verdict"] in ("error", "not tested")], partial["claims"]
     assert runs["ray"].keys() == runs["serial"].keys() and len(runs["ray"]) == 4
     # the sweep really ran on the pool: its per-pair units sit in the cache (none in the serial run's)
     assert list((tmp_path / "cache-ray").rglob("ray-sweep/*.json")) and not list((tmp_path / "cache-serial").rglob("ray-sweep"))
     for nodeid, f in runs["serial"].items():
         assert runs["ray"][nodeid]["verdict"] == f["verdict"], nodeid
-        np.testing.assert_allclose(_floats(runs["ray"][nodeid]["numbers"]), _floats(f["numbers"]), rtol=1e-4, atol=1e-4)
+        for key in ("numbers", "statistic", "p_value", "effect", "ci"):
+            np.testing.assert_allclose(_floats(runs["ray"][nodeid][key]), _floats(f[key]), rtol=1e-4, atol=1e-4)

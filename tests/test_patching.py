@@ -197,7 +197,8 @@ def test_fast_path_patches_the_source_values_into_the_receiver(tiny: LoadedModel
     mid = rcv[names[0]][0, -2] + src[names[1]][0, -2]  # resid_pre + patched attn_out
     with torch.inference_mode():
         expected = mid + layer.mlp(layer.post_attention_layernorm(mid))
-    torch.testing.assert_close(window[0, 0], expected, atol=1e-5, rtol=0)
+    # float32 round-off: values ~2, summed in another order inside the layer (1.03e-5 seen on llama)
+    torch.testing.assert_close(window[0, 0], expected, atol=3e-5, rtol=0)
 
 
 @pytest.mark.parametrize("method", ["fast", "naive"])

@@ -55,6 +55,7 @@ def _small_prompt_file(path: Path) -> Path:
 def run_suite(pytester: pytest.Pytester, model_dir: Path, work: Path, *extra: str) -> tuple[Any, Path]:
     """Run ``pytest hypotheses/`` on ``model_dir`` in a subprocess; returns (result, reports dir)."""
     reports = work / "reports"
+    work.mkdir(parents=True, exist_ok=True)
     os.environ["MECH_REPORTS_DIR"] = str(reports)
     try:
         result = pytester.runpytest_subprocess(
