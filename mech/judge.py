@@ -45,10 +45,9 @@ from mech.models import (
     REGISTRY,
     LoadedModel,
     ModelError,
-    _dist_file,
-    _manifest_ok,
     default_cache_dir,
     pad_left,
+    registry_missing_wheels,
 )
 from mech.prompts import LABELS, _data_dir, _error, _read_text, _snippet
 from mech.refusal import clip
@@ -350,9 +349,7 @@ def check_judge_name(name: str, cache_dir: str | Path | None = None) -> None:
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     if name in REGISTRY:
         spec = REGISTRY[name]
-        if _manifest_ok(cache / "models" / f"{name}-fp32", spec.sha256):
-            return
-        missing = [d for d, m in zip(spec.dists, spec.members, strict=True) if _dist_file(d, m) is None]
+        missing = registry_missing_wheels(name, cache)
         if missing:
             which = missing[0] if len(missing) == 1 else f"{len(missing)} of its {len(spec.dists)} wheels, e.g. {missing[0]}"
             raise ModelError(f"judge model {name!r} is not installed ({which} missing); install it with "

@@ -530,6 +530,14 @@ def _hub_kwargs(repo_id: str) -> dict[str, Any]:
     return {}
 
 
+def registry_missing_wheels(name: str, cache: Path) -> list[str] | None:
+    """For a registry model: None when it is prepared in ``cache``, else the wheels that are not installed."""
+    spec = REGISTRY[name]
+    if _manifest_ok(cache / "models" / f"{name}-fp32", spec.sha256):
+        return None
+    return [d for d, m in zip(spec.dists, spec.members, strict=True) if _dist_file(d, m) is None]
+
+
 def check_model_source(name_or_path: str, cache_dir: str | Path | None = None) -> None:
     """Check, without loading or preparing anything, that :func:`load_model` can find ``name_or_path``: a
     registry model is prepared or its wheels are installed (and the cache dir can take the prepared copy), a
@@ -538,9 +546,9 @@ def check_model_source(name_or_path: str, cache_dir: str | Path | None = None) -
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     if name_or_path in REGISTRY:
         spec = REGISTRY[name_or_path]
-        if _manifest_ok(cache / "models" / f"{name_or_path}-fp32", spec.sha256):
+        missing = registry_missing_wheels(name_or_path, cache)
+        if missing is None:
             return
-        missing = [d for d, m in zip(spec.dists, spec.members, strict=True) if _dist_file(d, m) is None]
         if missing:
             raise ModelError(
                 f"model {spec.name!r} needs the PyPI wheel(s) {', '.join(missing)}, which are not installed; "
