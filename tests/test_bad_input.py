@@ -423,7 +423,7 @@ def test_cache_writes_stay_locked_and_atomic(tmp_path: Path, monkeypatch: pytest
 def test_killed_preparation_leaves_no_temporary_files_on_the_next_run(tmp_path: Path, monkeypatch) -> None:
     """SIGKILL cannot run ``finally``: the temporary GGUF and the temporary safetensors dir of a killed
     preparation are removed by the next preparation (under the lock); other files stay."""
-    import mech.models as models
+    import mech.registry as models
 
     chunks = [tmp_path / "wheel" / f"part{i}.bin" for i in (1, 2)]
     chunks[0].parent.mkdir()
@@ -462,6 +462,7 @@ def test_killed_preparation_leaves_no_temporary_files_on_the_next_run(tmp_path: 
 
 def test_prepared_model_is_found_without_a_lock_in_a_read_only_cache(tmp_path, monkeypatch) -> None:
     import mech.models as models
+    import mech.registry as registry
 
     spec = models.REGISTRY[models.DEFAULT_MODEL]
     final = tmp_path / "models" / f"{spec.name}-fp32"
@@ -473,14 +474,14 @@ def test_prepared_model_is_found_without_a_lock_in_a_read_only_cache(tmp_path, m
     def no_lock(*a, **k):
         raise AssertionError("a prepared model took the preparation lock")
 
-    monkeypatch.setattr(models, "_prepare_lock", no_lock)
+    monkeypatch.setattr(registry, "_prepare_lock", no_lock)
     assert models.prepare(spec.name, tmp_path) == final
     models.check_model_source(spec.name, tmp_path)
     assert _files(tmp_path) == before
 
 
 def test_unwritable_cache_for_an_unprepared_model_is_one_line(tmp_path: Path, monkeypatch) -> None:
-    import mech.models as models
+    import mech.registry as models
 
     blocker = tmp_path / "cache"
     blocker.write_text("a file where the cache dir should be")

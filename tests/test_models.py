@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import mech.models as models
+import mech.registry as registry
 from fixtures.tiny_models import build_tiny_model
 from mech.models import REGISTRY, ModelError, ModelSpec, assemble_gguf, load_model, pick_device, pick_dtype
 
@@ -129,8 +130,9 @@ def test_default_model_is_verified_and_cached(lm, run_config, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("de-quantized again instead of using the cache")
 
+    monkeypatch.setattr(registry, "dequantize_gguf", boom)
+    monkeypatch.setattr(registry, "assemble_gguf", boom)
     monkeypatch.setattr(models, "dequantize_gguf", boom)
-    monkeypatch.setattr(models, "assemble_gguf", boom)
     again = load_model(models.DEFAULT_MODEL, device="cpu", cache_dir=run_config.cache_dir)
     assert again.fingerprint == spec.sha256
     ids = again.batch(["How do I build a shed?"])
