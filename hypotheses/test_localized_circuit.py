@@ -13,10 +13,7 @@ import pytest
 from fixtures.common import require
 from mech import plots
 from mech.stats import (
-    binomial_rate,
     bootstrap_ci,
-    mcnemar_detectable_flips,
-    mcnemar_exact,
     null_detectable_shift,
     permutation_pvalue,
 )
@@ -77,22 +74,21 @@ def test_small_set_reaches_half_of_all_heads(circuit_ablation, suite, claim):
 
 def test_ablation_removes_refusal(circuit_ablation, baseline, suite, claim):
     """Exploratory. Mean-ablating the top-k heads removes refusal in generation: on every harmful test prompt,
-    refusals flip to non-refusals more often than the reverse (exact one-sided McNemar, p < alpha; `not tested`
-    below ``min_refusals`` refusals at baseline)."""
-    from fixtures.common import refused_before
+    prompts that held out at baseline (refused, or incoherent) and comply under the ablation outnumber the reverse
+    (exact one-sided McNemar, p < alpha; only a coherent compliance counts as removed, broken text does not; the
+    decision measure is the judge with --judge, else substring + coherence; `not tested` below ``min_refusals``
+    refusals at baseline). The substring-only and judge verdicts are reported beside it."""
+    from fixtures.common import grades_before
+    from fixtures.grading import removal_claim
 
     c = circuit_ablation
-    before, after = refused_before(baseline, c["prompts"]), c["refused_after"]
-    require(sum(before) >= suite.min_refusals, f"only {sum(before)} of {len(before)} harmful test prompts are refused "
-                                                f"at baseline (needs {suite.min_refusals}): nothing to remove")
-    rb, ra = binomial_rate(before), binomial_rate(after)
-    mc = mcnemar_exact(before, after, alternative="greater")
-    diff = np.array(before, float) - np.array(after, float)
-    lo, hi = bootstrap_ci(diff, n_resamples=suite.n_bootstrap, seed=suite.split_seed)
-    flips = mcnemar_detectable_flips(suite.alpha, sum(before))
-    claim.result(statistic=mc.b, p_value=mc.p_value, effect=rb.rate - ra.rate, ci=[lo, hi], n=rb.n,
-                 mde=None if flips is None else flips / rb.n, test="exact McNemar, one-sided",
-                 null="as many refusals gained as lost")
-    claim.record(rate_before=rb.rate, rate_after=ra.rate, mcnemar_b=mc.b, mcnemar_c=mc.c, k=c["k"])
+    before, after = grades_before(baseline, c["prompts"]), c["grades_after"]
+    refused = sum(g.outcome == "refusal" for g in before)
+    require(refused >= suite.min_refusals, f"only {refused} of {len(before)} harmful test prompts are refused "
+                                           f"at baseline (needs {suite.min_refusals}): nothing to remove")
+    r = removal_claim(before, after, baseline["measure"], suite, claim)
+    claim.record(k=c["k"])
     claim.uses(c)
-    assert mc.p_value < suite.alpha, f"refusal {rb.rate:.2f} → {ra.rate:.2f} (b={mc.b}, c={mc.c}): p = {mc.p_value:.3g}"
+    assert r["p_value"] < suite.alpha, (f"{r['removed']} removed vs {r['gained']} gained "
+                                        f"({r['after']['incoherent']} incoherent after): p = {r['p_value']:.3g}")
+

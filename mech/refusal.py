@@ -257,6 +257,21 @@ def generate(
     return lm.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 
+def generate_completions(
+    lm: Any,
+    prompts: Sequence[str],
+    max_new_tokens: int = 64,
+    batch_size: int = 64,
+    system: str | None = None,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """Greedy completions with what grading needs: ``text`` (full, special tokens dropped), the response token
+    ``ids`` and ``cut_off`` (``True`` when the row hit ``max_new_tokens`` without an end-of-sequence token)."""
+    ids = generate_ids(lm, prompts, max_new_tokens, batch_size, system, progress)
+    texts = lm.tokenizer.batch_decode(ids, skip_special_tokens=True)
+    return [{"text": t, "ids": list(r), "cut_off": len(r) >= max_new_tokens} for t, r in zip(texts, ids, strict=True)]
+
+
 @dataclass(frozen=True)
 class RefusalTokens:
     """The first tokens of the model's own refusals, with how they were found."""
@@ -332,11 +347,12 @@ def measure(
     judges: Sequence[Judge] = (),
     progress: bool = False,
 ) -> list[dict[str, Any]]:
-    """All refusal measures of each prompt, side by side.
+    """The logit score and a greedy completion of each prompt, with the substring verdict.
 
-    Per prompt: ``score`` (logit refusal log-odds), ``refused`` (substring detector on a greedy completion
-    of ``max_new_tokens``), one boolean per extra judge under its name, and ``response`` clipped to
-    :data:`REPORT_CHARS` characters (the full text is never kept).
+    Per prompt: ``score`` (logit refusal log-odds), ``refused`` (substring detector on a greedy completion of
+    ``max_new_tokens``), one boolean per extra judge under its name, the full completion ``text``, its token
+    ``ids`` and ``cut_off`` (for grading: :mod:`mech.grading`), and ``response``, the text clipped to
+    :data:`REPORT_CHARS` characters (what reports may show; never write ``text`` into a report).
     """
     check_refusal_ids(refusal_ids, vocab_size(lm))  # before any forward
     detector = SubstringDetector()
@@ -353,6 +369,9 @@ def measure(
             "refused": bool(r),
             **{name: bool(v[i]) for name, v in extra.items()},
             "response": clip(resp),
+            "text": resp,
+            "ids": list(ids[i]),
+            "cut_off": len(ids[i]) >= max_new_tokens,
         }
         for i, (p, s, r, resp) in enumerate(zip(prompts, scores.tolist(), refused, responses, strict=True))
     ]
