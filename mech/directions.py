@@ -25,7 +25,7 @@
      (directional ablation does not touch the unembedding). Not defined for archs that normalize a block's
      output before the residual add (Gemma-2/3 "sandwich" norms) nor for quantized weights: both raise.
 
-:func:`evaluate_direction` measures the three with :func:`mech.ablation.evaluate_intervention` (refusal scores,
+:func:`evaluate_direction` measures the three with :func:`mech.evaluation.evaluate_intervention` (refusal scores,
 KL, CE, benign-but-alarming set, optional generations).
 """
 
@@ -43,10 +43,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mech.ablation import Baseline, InterventionResult, evaluate_intervention, first_token_kl
+from mech.chat import post_instruction_positions
+from mech.evaluation import Baseline, InterventionResult, evaluate_intervention, first_token_kl
 from mech.hooks import HookPoint, decoder_layers, hook_name, hooks, run_with_cache
 from mech.refusal import refusal_log_odds
-from mech.stats import jsonable
+from mech.stats import fields_dict, jsonable
 
 __all__ = [
     "CandidateScore",
@@ -61,21 +62,6 @@ __all__ = [
     "post_instruction_positions",
     "select_direction",
 ]
-
-
-def post_instruction_positions(lm: Any) -> tuple[int, ...]:
-    """End-aligned indices of the chat template's post-instruction tokens, e.g. ``(-5, -4, -3, -2, -1)``.
-
-    Found as the common token suffix of two chat-formatted prompts whose contents end differently.
-    """
-    a, b = lm.encode_chat(["Tell me about a"]), lm.encode_chat(["What is 7 + 1?"])
-    a, b = a[0], b[0]
-    n = 0
-    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
-        n += 1
-    if n == 0:
-        raise ValueError("the chat template has no common post-instruction suffix; pass positions explicitly")
-    return tuple(range(-n, 0))
 
 
 # --------------------------------------------------------------------------------------- diff in means
@@ -323,7 +309,7 @@ class CandidateScore:
     reasons: tuple[str, ...]
 
     def to_dict(self) -> dict[str, Any]:
-        return jsonable({k: getattr(self, k) for k in self.__dataclass_fields__})
+        return fields_dict(self)
 
 
 @dataclass

@@ -12,7 +12,7 @@ hands out units of work to idle actors and gathers the results in input order:
 
 On top: :func:`distributed_sweep` (any of :mod:`mech.patching`'s sweeps, one unit per few pairs) and
 :func:`ablation_scores` (the mean harmful refusal score under each of many component sets, e.g. the random
-controls of :func:`mech.ablation.cumulative_ablation`). Both give the single-process result: each unit runs
+controls of :func:`mech.controls.cumulative_ablation`, which take it as their scorer). Both give the single-process result: each unit runs
 the same library function on its share; rows computed in another batch composition or thread count can
 differ in the last float32 bits (measured in ``tests/test_distributed.py``).
 """
@@ -24,11 +24,16 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from mech.cache import DiskCache, code_version, make_key
+
+if TYPE_CHECKING:
+    from mech.ablation import Ablation
+    from mech.models import LoadedModel
+    from mech.patching import PatchResult
 
 
 class DistributedError(RuntimeError):
@@ -47,7 +52,7 @@ class ModelSpec:
     device_map: str | dict | None = None
     max_memory: dict | None = None
 
-    def load(self) -> Any:
+    def load(self) -> LoadedModel:
         from mech.models import load_model
 
         return load_model(**asdict(self))
@@ -56,7 +61,7 @@ class ModelSpec:
 # ------------------------------------------------------------------------------------------ worker tasks
 
 
-def _task_sweep(lm: Any, sweep: str, pairs: list[tuple[str, str]], kwargs: dict[str, Any]) -> dict[str, Any]:
+def _task_sweep(lm: LoadedModel, sweep: str, pairs: list[tuple[str, str]], kwargs: dict[str, Any]) -> dict[str, Any]:
     from mech import patching
 
     fn = {"patch_sweep": patching.patch_sweep, "layer_sweep": patching.layer_sweep,
@@ -65,21 +70,15 @@ def _task_sweep(lm: Any, sweep: str, pairs: list[tuple[str, str]], kwargs: dict[
 
 
 def _task_ablation(
-    lm: Any, prompts: list[str], refusal_ids: list[int], sets: list[list[str]], method: str, means: Any,
-    mode: str, positions: list[int] | None, batch_size: int,
+    lm: LoadedModel, prompts: list[str], refusal_ids: list[int], sets: list[list[str]], ablation: Ablation,
+    batch_size: int,
 ) -> list[float]:
-    from mech.ablation import ablate
-    from mech.refusal import last_logits, refusal_log_odds
+    from mech.controls import ablation_scores as local_scores
 
-    out = []
-    for comps in sets:
-        with ablate(lm, comps, method, means, mode, positions):
-            logits = last_logits(lm, prompts, batch_size=batch_size)
-        out.append(float(refusal_log_odds(logits, refusal_ids).double().mean()))
-    return out
+    return local_scores(lm, prompts, refusal_ids, sets, ablation, batch_size)
 
 
-def _task_info(lm: Any) -> dict[str, Any]:
+def _task_info(lm: LoadedModel) -> dict[str, Any]:
     import torch
 
     return {"pid": os.getpid(), "fingerprint": lm.fingerprint, "threads": torch.get_num_threads(),
@@ -400,14 +399,17 @@ def _chunks(seq: Sequence[Any], size: int) -> Iterator[list[Any]]:
         yield list(seq[i : i + size])
 
 
+Sweep = Literal["patch_sweep", "layer_sweep", "head_sweep", "neuron_sweep"]
+
+
 def distributed_sweep(
     pool: RayPool,
-    sweep: str,
+    sweep: Sweep,
     pairs: Sequence[tuple[str, str]],
     pairs_per_unit: int = 1,
     on_result: Callable[[int, Any], None] | None = None,
     **kwargs: Any,
-) -> Any:
+) -> PatchResult:
     """``layer_sweep`` / ``head_sweep`` / ``neuron_sweep`` / ``patch_sweep`` over ``pairs``, split into units
     of ``pairs_per_unit`` pairs on the pool's workers; the :class:`~mech.patching.PatchResult` of all pairs.
 
@@ -435,7 +437,7 @@ def distributed_sweep(
     return merge_results([PatchResult.from_dict(o) for o in outs])
 
 
-def merge_results(parts: Sequence[Any]) -> Any:
+def merge_results(parts: Sequence[PatchResult]) -> PatchResult:
     """One :class:`~mech.patching.PatchResult` from per-unit results over disjoint pairs (same patches)."""
     from mech.patching import PatchResult
 
@@ -456,32 +458,26 @@ def merge_results(parts: Sequence[Any]) -> Any:
 
 
 def ablation_scores(
-    runner: Any,
+    pool: RayPool,
     prompts: Sequence[str],
     refusal_ids: Sequence[int],
-    sets: Sequence[Sequence[str]],
-    method: str = "zero",
-    means: Any = None,
-    mode: str = "end_aligned",
-    positions: Sequence[int] | None = None,
+    sets: Sequence[Sequence[Any]],
+    ablation: Ablation | None = None,
     batch_size: int = 16,
     sets_per_unit: int = 2,
 ) -> list[float]:
-    """The mean logit refusal score of ``prompts`` with each component set of ``sets`` ablated.
-
-    ``runner``: a loaded model (computed here) or a :class:`RayPool` (units of ``sets_per_unit`` sets on
-    its workers). Component sets are ids such as ``"L12.H3"``. Means travel to the workers pickled.
-    """
-    from mech.refusal import check_refusal_ids, vocab_size
+    """:func:`mech.controls.ablation_scores` of each component set of ``sets`` on the pool's workers (units of
+    ``sets_per_unit`` sets), in order: the scorer :func:`mech.controls.cumulative_ablation` takes, bound with
+    ``functools.partial(ablation_scores, pool)``. Component sets are ids such as ``"L12.H3"``; the
+    :class:`~mech.ablation.Ablation` (with its means) travels to the workers pickled."""
+    from mech.ablation import Ablation
+    from mech.refusal import check_refusal_ids
 
     if isinstance(prompts, str):
         raise ValueError("prompts is one string; pass a list of prompt texts")
-    ids = check_refusal_ids(refusal_ids, None if isinstance(runner, RayPool) else vocab_size(runner))
+    ids = check_refusal_ids(refusal_ids)  # the vocabulary is checked by the workers
     sets = [[str(c) if isinstance(c, str) else c.id for c in s] for s in sets]
-    common = dict(prompts=list(prompts), refusal_ids=list(ids), method=method, means=means,
-                  mode=mode, positions=list(positions) if positions is not None else None, batch_size=batch_size)
-    if not isinstance(runner, RayPool):
-        return _task_ablation(runner, sets=sets, **common)  # type: ignore[arg-type]
+    common = dict(prompts=list(prompts), refusal_ids=list(ids), ablation=ablation or Ablation(), batch_size=batch_size)
     units = list(_chunks(sets, sets_per_unit))
-    outs = runner.map("ablation", [dict(common, sets=u) for u in units])
+    outs = pool.map("ablation", [dict(common, sets=u) for u in units])
     return [v for o in outs for v in o]

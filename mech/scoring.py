@@ -19,12 +19,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
 
 from mech.refusal import refusal_log_odds
+
+if TYPE_CHECKING:
+    from mech.ablation import AblationMethod, MeanActivations, MeanMode
+    from mech.components import Component
+    from mech.models import LoadedModel
 
 Phase = Literal["prefix", "rest"]
 Intervention = Callable[[Phase], AbstractContextManager[Any]]
@@ -40,13 +45,13 @@ def shared_prefix_len(seqs: Sequence[Sequence[int]], min_rest: int) -> int:
     return max(n, 0)
 
 
-def ablation_intervention(lm: Any, components: Sequence[Any], method: str, means: Any = None,
-                          mode: str = "end_aligned") -> Intervention:
+def ablation_intervention(lm: LoadedModel, components: Sequence[Component | str], method: AblationMethod,
+                          means: MeanActivations | None = None, mode: MeanMode = "end_aligned") -> Intervention:
     """:func:`mech.ablation.ablate` as an intervention: on the shared prefix the position-independent mean."""
     from mech.ablation import ablate
 
     def make(phase: Phase) -> AbstractContextManager[Any]:
-        return ablate(lm, components, method, means, "averaged" if phase == "prefix" else mode)  # type: ignore[arg-type]
+        return ablate(lm, components, method, means, "averaged" if phase == "prefix" else mode)
 
     return make
 
@@ -58,7 +63,7 @@ def same_everywhere(make: Callable[[], AbstractContextManager[Any]]) -> Interven
 
 @torch.inference_mode()
 def last_logits_under(
-    lm: Any, prompts: Sequence[str], intervention: Intervention | None = None, batch_size: int = 64, min_rest: int = 8
+    lm: LoadedModel, prompts: Sequence[str], intervention: Intervention | None = None, batch_size: int = 64, min_rest: int = 8
 ) -> Tensor:
     """Next-token logits at each prompt's last position under ``intervention``: ``[n, d_vocab]`` float32 CPU.
 
@@ -98,7 +103,7 @@ def last_logits_under(
 
 
 def scores_under(
-    lm: Any, prompts: Sequence[str], refusal_ids: Sequence[int], intervention: Intervention | None = None,
+    lm: LoadedModel, prompts: Sequence[str], refusal_ids: Sequence[int], intervention: Intervention | None = None,
     batch_size: int = 64,
 ) -> Tensor:
     """The logit refusal score of each prompt under ``intervention``, ``[n]`` float32 (CPU)."""

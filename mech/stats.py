@@ -11,14 +11,14 @@ store it next to the claim it supports.
   component controls), with the +1 correction ``(1 + #{null at least as extreme}) / (1 + n_null)``.
 * :func:`adjust_pvalues` — Holm (step-down, by hand) or Benjamini–Hochberg (``false_discovery_control``).
 * :func:`spearman` — rank agreement (``spearmanr``).
-* :func:`auroc` — AUROC from the Mann–Whitney U statistic (:func:`mech.refusal.auroc`) with its p-value.
+* :func:`auroc` — AUROC from the Mann–Whitney U statistic with its p-value.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 import numpy as np
@@ -38,6 +38,7 @@ __all__ = [
     "binomial_pvalue",
     "binomial_rate",
     "bootstrap_ci",
+    "fields_dict",
     "holm",
     "jsonable",
     "mcnemar_detectable_flips",
@@ -68,6 +69,14 @@ def jsonable(obj: Any) -> Any:
     if type(obj).__module__.startswith("torch"):
         return jsonable(obj.detach().cpu().tolist())
     return obj
+
+
+def fields_dict(obj: Any, *properties: str, exclude: Sequence[str] = ()) -> dict[str, Any]:
+    """A dataclass's fields (less ``exclude``) and ``properties``, as JSON types (:func:`jsonable`). Shallow, unlike
+    :func:`dataclasses.asdict`: a nested result is written by its own ``to_dict`` (with its properties)."""
+    d = {f.name: getattr(obj, f.name) for f in fields(obj) if f.name not in exclude}
+    d.update({p: getattr(obj, p) for p in properties})
+    return jsonable(d)
 
 
 class _Dict:
@@ -266,14 +275,13 @@ class AurocResult(_Dict):
 
 
 def auroc(pos_scores: Sequence[float], neg_scores: Sequence[float]) -> AurocResult:
-    """AUROC via :func:`mech.refusal.auroc` (Mann–Whitney U) and the test's two-sided p-value."""
-    from mech.refusal import auroc as _auroc
-
+    """AUROC = U / (n_pos n_neg) from one Mann–Whitney U test (:func:`scipy.stats.mannwhitneyu`), with its
+    two-sided p-value."""
     pos, neg = [float(x) for x in pos_scores], [float(x) for x in neg_scores]
     if not pos or not neg:
         return AurocResult(math.nan, math.nan, len(pos), len(neg))
-    p = float(_st.mannwhitneyu(pos, neg, alternative="two-sided").pvalue)
-    return AurocResult(_auroc(pos, neg), p, len(pos), len(neg))
+    res = _st.mannwhitneyu(pos, neg, alternative="two-sided")
+    return AurocResult(float(res.statistic) / (len(pos) * len(neg)), float(res.pvalue), len(pos), len(neg))
 
 
 # --------------------------------------------------------------------------- bounds and detectable effects

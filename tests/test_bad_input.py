@@ -262,7 +262,7 @@ def test_distributed_sweep_refuses_malformed_pairs_before_the_pool(pairs, fragme
 
 
 def test_ablation_scores_refuse_bad_refusal_ids_before_any_forward(tiny_qwen2: LoadedModel) -> None:
-    from mech.distributed import ablation_scores
+    from mech.controls import ablation_scores
     from mech.refusal import RefusalIdsError
 
     for ids, fragment in BAD_IDS[:3]:

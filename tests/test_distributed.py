@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,10 @@ import pytest
 pytest.importorskip("ray")
 
 from fixtures.tiny_models import build_tiny_model  # noqa: E402
-from mech.ablation import cumulative_ablation, make_baseline  # noqa: E402
+from mech.ablation import make_baseline  # noqa: E402
 from mech.cache import DiskCache  # noqa: E402
+from mech.controls import ablation_scores as local_ablation_scores  # noqa: E402
+from mech.controls import cumulative_ablation  # noqa: E402
 from mech.distributed import ModelSpec, RayPool, ablation_scores, distributed_sweep  # noqa: E402
 from mech.models import load_model  # noqa: E402
 from mech.patching import PatchingError, head_sweep, layer_sweep  # noqa: E402
@@ -114,11 +117,11 @@ def test_finished_units_come_from_the_cache(saved, local, tmp_path):
 def test_ablation_scores_and_random_controls_match(pool, local):
     harmful = [h for h, _ in PAIRS]
     sets = [["L0.H1"], ["L1.H0", "L2.H3"], ["L2.H1"], [], ["L0.H0", "L1.H1", "L2.H2"]]
-    assert ablation_scores(pool, harmful, IDS, sets) == ablation_scores(local, harmful, IDS, sets)
+    assert ablation_scores(pool, harmful, IDS, sets) == local_ablation_scores(local, harmful, IDS, sets)
     base = make_baseline(local, harmful, [s for _, s in PAIRS], IDS)
     ranking = ["L1.H2", "L0.H3", "L2.H0", "L2.H1"]
     a = cumulative_ablation(local, base, ranking, [1, 3], n_random=6, seed=3)
-    b = cumulative_ablation(local, base, ranking, [1, 3], n_random=6, seed=3, runner=pool)
+    b = cumulative_ablation(local, base, ranking, [1, 3], n_random=6, seed=3, scorer=partial(ablation_scores, pool))
     for pa, pb in zip(a.points, b.points, strict=True):
         assert pa.random_sets == pb.random_sets and pa.random_deltas == pb.random_deltas
         assert pa.test.p_value == pb.test.p_value
