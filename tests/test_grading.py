@@ -181,3 +181,19 @@ def test_broken_model_is_not_a_removed_refusal(lm, disk_cache, record_property):
     record_property("incoherent_after", coh["after"]["incoherent"])
     assert sub["removed"] >= len(refused) // 2, f"the intervention was not destructive enough: {sub}"
     assert coh["removed"] == 0 and coh["after"]["incoherent"] >= sub["removed"], coh
+
+
+@pytest.mark.parametrize("name, msg", [
+    ("no-such-judge", "unknown judge 'no-such-judge'"),
+])
+def test_bad_judge_is_a_usage_error_before_collection(pytester: pytest.Pytester, name, msg):
+    """--judge with a model that is neither in the registry nor a local model: one line, exit 4, nothing loads."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    res = pytester.runpytest_subprocess(str(root / "hypotheses"), "--rootdir", str(root), "-c",
+                                        str(root / "pyproject.toml"), "--judge", name, "-p", "no:cacheprovider",
+                                        "--co", "-q")
+    assert res.ret == pytest.ExitCode.USAGE_ERROR
+    err = res.stderr.str()
+    assert f"--judge: {msg}" in err and "Traceback" not in err

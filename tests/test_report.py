@@ -108,7 +108,10 @@ def test_suite_runs_on_a_tiny_model(pytester: pytest.Pytester, tiny_run):
     assert s["claims"] == sum(outcomes.get(k, 0) for k in ("passed", "failed", "skipped")) - 2  # 2 snapshot tests
     html = (reports / "hypotheses.html").read_text()
     assert "Plotly" in html and not re.search(r"<script[^>]+src=[\"']https?://", html)  # plotly.js inlined
-    assert "Primary claims" in html and "Suite configuration" in html
+    assert "Primary claims" in html and "Suite configuration" in html and "Refusal measure" in html
+    m = findings["refusal_measure"]  # every refusal count names its measure; no judge by default
+    assert m["decision"] == "substring+coherence" and m["judge"] is None
+    assert m["coherence"]["nll_threshold"] > 0 and m["coherence"]["false_positive_rate"]["n"] > 0
     for name in _claim_functions():
         assert name in html
     tiny_run["findings"] = findings
