@@ -365,14 +365,12 @@ def _read_text(path: Path) -> str:
         ) from exc
 
 
-def _json_rows(path: Path, text: str) -> tuple[str | None, list[Any]]:
-    """Parse a JSON prompt file; return (name from the file or None, raw rows)."""
+def _parse_json(path: Path, text: str, empty_fix: str) -> Any:
+    """The JSON value of a data file's text; an empty file or a syntax error is one line naming the place."""
     if not text.strip():
-        raise _error(
-            path, "empty file", f'write a JSON object {{"schema": "{PROMPTS_SCHEMA}", "prompts": [...]}}'
-        )
+        raise _error(path, "empty file", empty_fix)
     try:
-        data = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise _error(
             path,
@@ -380,6 +378,11 @@ def _json_rows(path: Path, text: str) -> tuple[str | None, list[Any]]:
             "fix the JSON syntax there",
             where=f"line {exc.lineno} column {exc.colno}",
         ) from exc
+
+
+def _json_rows(path: Path, text: str) -> tuple[str | None, list[Any]]:
+    """Parse a JSON prompt file; return (name from the file or None, raw rows)."""
+    data = _parse_json(path, text, f'write a JSON object {{"schema": "{PROMPTS_SCHEMA}", "prompts": [...]}}')
     if isinstance(data, list):
         return None, data
     if not isinstance(data, dict):
@@ -615,17 +618,7 @@ def refusal_markers(path: str | Path | None = None) -> tuple[str, ...]:
     """
     p = Path(path) if path is not None else _data_dir() / "refusal_markers.json"
     text = _read_text(p)
-    if not text.strip():
-        raise _error(p, "empty file", f'write {{"schema": "{MARKERS_SCHEMA}", "markers": [...]}}')
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise _error(
-            p,
-            f"not valid JSON: {exc.msg}",
-            "fix the JSON syntax there",
-            where=f"line {exc.lineno} column {exc.colno}",
-        ) from exc
+    data = _parse_json(p, text, f'write {{"schema": "{MARKERS_SCHEMA}", "markers": [...]}}')
     if not isinstance(data, dict) or data.get("schema") != MARKERS_SCHEMA:
         got = _snippet(data.get("schema")) if isinstance(data, dict) else f"a {type(data).__name__}"
         raise _error(p, f"wrong schema {got}", f'use an object with "schema": "{MARKERS_SCHEMA}"')
