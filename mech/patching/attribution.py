@@ -35,11 +35,10 @@ from torch import Tensor
 from mech.hooks import HookFn, HookPoint, hook_name, hooks, run_with_cache
 from mech.patching.engine import Engine, Key, Work, reference_runs
 from mech.patching.exact import patch_sweep
-from mech.patching.plan import Method, Metric, Plan, prepare_sweep, sweep_positions
+from mech.patching.plan import Metric, Plan, SweepOptions, prepare_sweep, sweep_positions
 from mech.patching.result import PatchResult
 from mech.patching.spec import (
     COMPONENT_REGISTRY,
-    DENOISE,
     Patch,
     PatchingError,
     kind_hook,
@@ -49,9 +48,10 @@ from mech.patching.spec import (
 from mech.stats import jsonable
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
     from mech.models import LoadedModel
 
-__all__ = ["Verification", "attribution_patching", "attribution_sweep", "verify_against_exact"]
 
 log = logging.getLogger(__name__)
 
@@ -219,20 +219,15 @@ def attribution_sweep(
     pairs: Any,
     patches: Sequence[Patch],
     *,
-    direction: str = DENOISE,
-    refusal_ids: Sequence[int] | None = None,
-    metric: Metric | None = None,
-    method: Method = "auto",
-    system: str | None = None,
-    check_aligned: bool = True,
     batch_rows: int = 64,
     kind: str = "custom",
+    **options: Unpack[SweepOptions],
 ) -> PatchResult:
     """AtP estimates of ``patches`` (same arguments as :func:`mech.patching.patch_sweep`): a PatchResult with
     ``method="atp"`` whose ``raw`` is the clean metric plus the linear estimate. ``batch_rows``: pairs per
     gradient pass (fast path; one backward per chunk). ``method="auto"``: fast, or naive (hooks, one full
     forward and backward per pair) on a model sharded or offloaded by accelerate."""
-    sw = prepare_sweep(lm, pairs, patches, direction, refusal_ids, metric, method, system, check_aligned)
+    sw = prepare_sweep(lm, pairs, patches, **options)
     sw.start()
     est, clean, source, work = (_atp_fast if sw.method == "fast" else _atp_naive)(lm, sw.plan, sw.metric, batch_rows)
     return sw.result(lm, est, clean, source, work, kind=kind, estimate=True)

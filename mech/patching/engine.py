@@ -36,7 +36,6 @@ from mech.patching.spec import PatchingError, kind_hook
 if TYPE_CHECKING:
     from mech.models import LoadedModel
 
-__all__ = ["Engine", "PrefixKV", "ReferenceRuns", "Work", "reference_runs"]
 
 Key = tuple[str, int]  # (engine kind, layer or residual slot): see mech.patching.spec.SiteComponent.kind
 

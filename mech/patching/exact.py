@@ -26,11 +26,10 @@ from tqdm.auto import tqdm
 
 from mech.hooks import HookFn, HookPoint, hook_name, hooks, run_with_cache
 from mech.patching.engine import Engine, Work, reference_runs
-from mech.patching.plan import Method, Metric, Plan, prepare_sweep, sweep_positions
+from mech.patching.plan import Metric, Plan, SweepOptions, prepare_sweep, sweep_positions
 from mech.patching.result import PatchResult
 from mech.patching.spec import (
     COMPONENT_REGISTRY,
-    DENOISE,
     LAYER_COMPONENTS,
     Patch,
     Site,
@@ -41,9 +40,10 @@ from mech.patching.spec import (
 )
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
     from mech.models import LoadedModel
 
-__all__ = ["head_sweep", "layer_sweep", "neuron_sweep", "patch_sweep"]
 
 @dataclass
 class _Row:
@@ -259,28 +259,20 @@ def patch_sweep(
     pairs: Any,
     patches: Sequence[Patch],
     *,
-    direction: str = DENOISE,
-    refusal_ids: Sequence[int] | None = None,
-    metric: Metric | None = None,
-    method: Method = "auto",
     batch_rows: int | None = None,
     progress: bool | None = None,
-    system: str | None = None,
-    check_aligned: bool = True,
     return_logits: bool = False,
     kind: str = "custom",
+    **options: Unpack[SweepOptions],
 ) -> PatchResult:
     """Exact activation patching of every patch in every pair: a :class:`PatchResult`.
 
-    ``pairs``: ``(harmful, harmless)`` texts (or Prompts, or dicts). ``direction``: ``harmful_to_harmless``
-    (source harmful, receiver harmless; alias ``denoise``) or ``harmless_to_harmful`` (``noise``). The metric is
-    ``metric(logits[B, d_vocab]) -> [B]`` on the receiver's last-position logits, by default the refusal
-    log-odds of ``refusal_ids``. ``method``: ``fast`` (batched partial forwards; see the module docstring),
-    ``naive`` (one full HF forward per patch with hooks) or ``auto`` (fast, or naive on a model sharded over
-    devices or offloaded by accelerate, where hooks move activations to each layer's device). ``batch_rows``: rows per patched forward (fast).
-    ``return_logits`` keeps the patched logits ``[n_pairs, n_patches, d_vocab]`` in ``result.logits``.
+    ``options``: ``direction``, ``refusal_ids`` or ``metric``, ``method`` (``auto`` | ``fast`` | ``naive``),
+    ``system``, ``check_aligned`` (see :func:`~mech.patching.plan.prepare_sweep`). ``batch_rows``: rows per
+    patched forward (fast). ``return_logits`` keeps the patched logits ``[n_pairs, n_patches, d_vocab]`` in
+    ``result.logits``.
     """
-    sw = prepare_sweep(lm, pairs, patches, direction, refusal_ids, metric, method, system, check_aligned)
+    sw = prepare_sweep(lm, pairs, patches, **options)
     sw.start()
     with torch.inference_mode():
         if sw.method == "fast":

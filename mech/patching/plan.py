@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 import torch
 from torch import Tensor
@@ -33,20 +33,6 @@ if TYPE_CHECKING:
     from mech.models import LoadedModel
     from mech.patching.engine import Work
 
-__all__ = [
-    "Method",
-    "Metric",
-    "Plan",
-    "PreparedSweep",
-    "RefusalMetric",
-    "as_pairs",
-    "check_metric",
-    "make_metric",
-    "make_plan",
-    "metric_name",
-    "prepare_sweep",
-    "sweep_positions",
-]
 
 Method = Literal["auto", "fast", "naive"]
 
@@ -325,12 +311,39 @@ class PreparedSweep:
         )
 
 
+class SweepOptions(TypedDict, total=False):
+    """The keyword arguments every exact and attribution sweep takes (defaults: :func:`prepare_sweep`)."""
+
+    direction: str
+    refusal_ids: Sequence[int] | None
+    metric: Metric | None
+    method: Method
+    system: str | None
+    check_aligned: bool
+
+
 def prepare_sweep(
-    lm: LoadedModel, pairs: Any, patches: Sequence[Patch], direction: str, refusal_ids: Sequence[int] | None,
-    metric: Metric | None, method: str, system: str | None, check_aligned: bool,
+    lm: LoadedModel,
+    pairs: Any,
+    patches: Sequence[Patch],
+    *,
+    direction: str = DENOISE,
+    refusal_ids: Sequence[int] | None = None,
+    metric: Metric | None = None,
+    method: Method = "auto",
+    system: str | None = None,
+    check_aligned: bool = True,
 ) -> PreparedSweep:
-    """Checks and normalizes a sweep's arguments (exact or AtP); ``method="auto"`` becomes ``fast``, or
-    ``naive`` on a model sharded or offloaded by accelerate."""
+    """Checks and normalizes a sweep's arguments (exact or AtP): one-line :class:`PatchingError` s before any
+    forward.
+
+    ``pairs``: ``(harmful, harmless)`` texts (or Prompts, or dicts). ``direction``: ``harmful_to_harmless``
+    (source harmful, receiver harmless; alias ``denoise``) or ``harmless_to_harmful`` (``noise``). The metric is
+    ``metric(logits[B, d_vocab]) -> [B]`` on the receiver's last-position logits, by default the refusal
+    log-odds of ``refusal_ids``. ``method``: ``fast`` (batched partial forwards), ``naive`` (hooks on full HF
+    forwards) or ``auto`` (fast, or naive on a model sharded over devices or offloaded by accelerate, where hooks
+    move activations to each layer's device). ``system``: a system prompt for every chat-formatted prompt.
+    ``check_aligned``: end-aligned positions must hold the same tokens in source and receiver."""
     direction_n = normalize_direction(direction)
     pairs_t = as_pairs(pairs)
     patches = list(patches)

@@ -14,8 +14,6 @@ from torch import Tensor
 from mech.patching.spec import COMPONENT_REGISTRY, Direction, Patch
 from mech.stats import jsonable
 
-__all__ = ["PatchResult"]
-
 _NAN_EPS = 1e-6  # |source - clean| below this: the normalized effect is undefined (NaN)
 Values = Literal["normalized", "raw", "delta"]
 

@@ -18,27 +18,6 @@ from mech.hooks import hook_name
 if TYPE_CHECKING:
     from mech.models import ModelShape
 
-__all__ = [
-    "COMPONENTS",
-    "COMPONENT_REGISTRY",
-    "DENOISE",
-    "DIRECTIONS",
-    "LAYER_COMPONENTS",
-    "NOISE",
-    "Direction",
-    "Patch",
-    "PatchingError",
-    "Site",
-    "SiteComponent",
-    "end_positions",
-    "head_patches",
-    "kind_hook",
-    "layer_patches",
-    "neuron_patches",
-    "normalize_direction",
-    "register_component",
-    "unit_patches",
-]
 
 Direction = Literal["harmful_to_harmless", "harmless_to_harmful"]
 DENOISE: Direction = "harmful_to_harmless"
