@@ -25,6 +25,7 @@ hypothesis for each (model, prompt set) combination and draws the comparison.
 
 from __future__ import annotations
 
+import ast
 import datetime as _dt
 import hashlib
 import html
@@ -153,6 +154,58 @@ def check_inputs(models: Sequence[str], prompts: Sequence[str], cache_dir: Path)
             load_prompts(p)
         except PromptFileError as e:
             raise ReplicationError(f"--prompts {p}: {e}") from None
+
+
+def suite_fields() -> dict[str, Any]:
+    """The suite configuration's fields and defaults, read from ``fixtures/config.py`` without importing the
+    suite (the library never imports it): what ``--set NAME=VALUE`` may name."""
+    tree = ast.parse((ROOT / "fixtures" / "config.py").read_text())
+    cls = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "SuiteConfig"), None)
+    if cls is None:
+        return {}
+    out = {}
+    for node in cls.body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            try:
+                out[node.target.id] = ast.literal_eval(node.value) if node.value is not None else None
+            except ValueError:
+                out[node.target.id] = None
+    return out
+
+
+def check_set_items(items: Sequence[str]) -> None:
+    """Each ``--set`` item names a suite configuration field and parses as that field's type (the suite checks
+    ranges when it starts; a run it refuses stops the replication)."""
+    fields = suite_fields()
+    for item in items:
+        name, sep, text = item.partition("=")
+        name, text = name.strip().replace("-", "_"), text.strip()
+        if not sep:
+            raise ReplicationError(f"--set {item!r}: expected NAME=VALUE, e.g. --set n_random_primary=200")
+        if fields and name not in fields:
+            raise ReplicationError(f"--set {item!r}: {name!r} is not a field of the suite configuration "
+                                   f"(fixtures/config.py SuiteConfig): {', '.join(fields)}")
+        default = fields.get(name)
+        try:
+            if isinstance(default, bool):
+                if text.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ValueError(f"expected true or false, got {text!r}")
+            elif isinstance(default, tuple):
+                [float(x) for x in text.split(",")]
+            elif isinstance(default, (int, float)):
+                type(default)(text)
+        except ValueError as e:
+            raise ReplicationError(f"--set {item!r}: {e}; {name} is {type(default).__name__} "
+                                   f"(default {default!r})") from None
+
+
+def _usage_error(res: RunResult) -> str | None:
+    """The suite's usage error when it refused every claim of a run for its options (the same for every run)."""
+    claims = res.findings.get("claims", [])
+    msgs = [c.get("message") or "" for c in claims]
+    if claims and all(c["verdict"] == "error" and "UsageError" in m for c, m in zip(claims, msgs, strict=True)):
+        return msgs[0].split("UsageError: ", 1)[-1]
+    return None
 
 
 # ------------------------------------------------------------------------------------------------- memory
@@ -660,11 +713,9 @@ def replicate(models: Sequence[str], prompts: Sequence[str] = (DEFAULT_PROMPTS,)
     t0 = time.monotonic()
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     out = Path(out)
-    for item in set_items:
-        if "=" not in item:
-            raise ReplicationError(f"--set {item!r}: expected NAME=VALUE, e.g. --set n_random_primary=200")
     specs = plan_runs(models, prompts)
     check_inputs(models, prompts, cache)
+    check_set_items(set_items)
     mem = memory_plan(models, cache, device, dtype, quantize, None if budget_gb is None else budget_gb * 1e9)
     for row in mem:
         fits = {True: "fits", False: "DOES NOT FIT", None: "unknown size (no config readable offline)"}[row["fits"]]
@@ -693,11 +744,14 @@ def replicate(models: Sequence[str], prompts: Sequence[str] = (DEFAULT_PROMPTS,)
                      s.get("error"))
         else:
             log.info("  ERROR after %.0f s: %s", res.wall_s, res.message)
+        if (usage := _usage_error(res)) is not None:
+            raise ReplicationError(f"the suite refused the options of run {spec.id} (and would refuse every run): "
+                                   f"{usage}")
         results.append(res)
     claims = gather(results, collected)
     report = {
         "created": _dt.datetime.now().isoformat(timespec="seconds"), "command": list(command),
-        "config": {"models": list(models), "prompts": list(prompts), "set": list(set_items), "device": device,
+        "config": {"suite": str(ROOT), "models": list(models), "prompts": list(prompts), "set": list(set_items), "device": device,
                    "dtype": dtype, "quantize": quantize, "cache_dir": str(cache)},
         "memory": mem,
         "runs": [{"id": r.spec.id, "model": r.spec.model, "prompts": r.spec.prompts, "dir": str(r.dir),

