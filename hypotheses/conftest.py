@@ -11,12 +11,21 @@ from mech.prompts import PromptFileError, default_pairs, load_prompts
 
 
 def _categories(config: pytest.Config) -> list[str]:
+    """The categories of --prompts and --eval-prompts (both checked here: a bad file is a usage error)."""
+    from fixtures.model import load_eval_set
+
     cfg = resolve_config(config)
     try:
         ps = load_prompts(cfg.prompts) if cfg.prompts else default_pairs()
     except PromptFileError as e:
         raise pytest.UsageError(f"prompts: {e}") from None
-    return ps.categories()
+    cats = set(ps.categories())
+    if cfg.eval_prompts:
+        try:
+            cats |= set(load_eval_set(cfg.eval_prompts).categories())
+        except PromptFileError as e:
+            raise pytest.UsageError(f"--eval-prompts: {e}") from None
+    return sorted(cats)
 
 
 def _n_layers(config: pytest.Config) -> int:

@@ -25,7 +25,10 @@ from mech.stats import auroc, binomial_detectable_rate, binomial_pvalue, binomia
 pytestmark = [pytest.mark.baseline, pytest.mark.realmodel]
 
 
-def _rows(baseline: dict[str, Any], label: str, category: str = "all", splits=("train", "val", "test")) -> list[dict]:
+def _rows(baseline: dict[str, Any], label: str, category: str = "all", splits=None) -> list[dict]:
+    """Rows of one label (and category); by default every prompt of the set, or only the --eval-prompts set."""
+    if splits is None:
+        splits = ("test",) if baseline["eval_set"] else ("train", "val", "test")
     return [r for r in baseline["rows"] if r["split"] in splits and r["label"] == label
             and category in ("all", r["category"])]
 

@@ -94,6 +94,7 @@ def test_ablation_side_effects_small(refusal_direction, suite, claim):
     d = refusal_direction
     a = d["ablation"]
     kl = np.array(a["kl_per_prompt"])
+    require(len(kl) >= 3, f"only {len(kl)} harmless test prompts the model answers: too few to bound the KL")
     lo, hi = bootstrap_ci(kl, n_resamples=suite.n_bootstrap, seed=suite.split_seed)
     bb = binomial_rate([g.outcome == "refusal" for g in d["benign_grades_before"]])
     ba = binomial_rate([g.outcome == "refusal" for g in d["benign_grades_after"]])

@@ -223,6 +223,7 @@ def test_report_renders_in_a_real_browser(tiny_run):
     (["--max-memory", "gpu=1GB"], "--max-memory: unknown device 'gpu'"),
     (["--max-memory", "cpu=lots"], "--max-memory: bad size 'lots'"),
     (["--device-map", "half"], "--device-map 'half' is not one of none, auto"),
+    (["--eval-prompts", "/nonexistent.csv"], "--eval-prompts: /nonexistent.csv: file not found"),
 ])
 def test_bad_scale_options_are_one_line_usage_errors(pytester: pytest.Pytester, args, msg):
     result = pytester.runpytest_subprocess(str(ROOT / "hypotheses"), "--rootdir", str(ROOT), "-c",
@@ -347,3 +348,32 @@ def test_what_the_prompt_set_cannot_support_is_not_tested(pytester: pytest.Pytes
     if reason:
         assert any(reason in c["message"] for c in claims if c["verdict"] == "not tested"), \
             [c["message"] for c in claims if c["verdict"] == "not tested"]
+
+
+@pytest.mark.slow
+def test_eval_prompts_judge_on_a_harmful_only_benchmark(pytester: pytest.Pytester, tiny_run):
+    """--eval-prompts: a harmful-only benchmark is judged on, training and selection stay on --prompts. The
+    baseline rate is the benchmark's, H1's ablation is judged on the benchmark, claims needing harmless twins in
+    the test data are `not tested` with a reason, and nothing errs."""
+    work = tiny_run["work"] / "eval"
+    work.mkdir(parents=True, exist_ok=True)
+    bench = work / "bench.csv"
+    harmful = [p for c in ("violence", "weapons") for p in default_pairs().by_category(c).harmful()][:16]
+    with open(bench, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["id", "prompt", "label", "category"])
+        for p in harmful:
+            w.writerow([p.id, p.prompt, "harmful", p.category])
+    result, reports = run_suite(pytester, tiny_run["model_dir"], work, "--verdict-exit", *TINY_SET,
+                                "--eval-prompts", str(bench))
+    assert result.ret == 0, result.stdout.str()[-3000:]
+    findings = json.loads((reports / "findings.json").read_text())
+    by_name = {c["id"].split("::")[1]: c for c in findings["claims"]}
+    assert by_name["test_harmful_refusal_rate"]["n"] == 16  # the benchmark's harmful prompts, not the pairs'
+    h1 = findings["data_use"]["hypotheses/test_localized_circuit.py::test_ranked_heads_beat_layer_matched_random"]
+    judged_h = {i for i in h1["judge"] if i.startswith("eval:")}
+    assert judged_h == {f"eval:{p.id}" for p in harmful}
+    assert not set(h1["select"]) & set(h1["judge"])
+    assert by_name["test_ranked_heads_beat_layer_matched_random"]["verdict"] != "not tested"
+    for name in ("test_heads_transfer_beyond_random", "test_resid_patching_rises_in_middle_band"):
+        assert by_name[name]["verdict"] == "not tested" and by_name[name]["message"], name
