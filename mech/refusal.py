@@ -257,17 +257,11 @@ def generate(
     return lm.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 
-def generate_completions(
-    lm: Any,
-    prompts: Sequence[str],
-    max_new_tokens: int = 64,
-    batch_size: int = 64,
-    system: str | None = None,
-    progress: bool = False,
-) -> list[dict[str, Any]]:
+def generate_completions(lm: Any, prompts: Sequence[str], max_new_tokens: int = 64, **kw: Any) -> list[dict[str, Any]]:
     """Greedy completions with what grading needs: ``text`` (full, special tokens dropped), the response token
-    ``ids`` and ``cut_off`` (``True`` when the row hit ``max_new_tokens`` without an end-of-sequence token)."""
-    ids = generate_ids(lm, prompts, max_new_tokens, batch_size, system, progress)
+    ``ids`` and ``cut_off`` (``True`` when the row hit ``max_new_tokens`` without an end-of-sequence token).
+    ``kw``: :func:`generate_ids`' ``batch_size``, ``system``, ``progress``."""
+    ids = generate_ids(lm, prompts, max_new_tokens, **kw)
     texts = lm.tokenizer.batch_decode(ids, skip_special_tokens=True)
     return [{"text": t, "ids": list(r), "cut_off": len(r) >= max_new_tokens} for t, r in zip(texts, ids, strict=True)]
 
