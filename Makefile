@@ -47,6 +47,7 @@ bench: setup
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check .
+	$(BIN)/python -m mypy  # mech/, configured in pyproject.toml [tool.mypy]
 
 clean-reports:
 	find reports -mindepth 1 ! -name .gitkeep -delete

@@ -10,9 +10,12 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from mech.models import LoadedModel
 
 _HEAD = re.compile(r"^L(\d+)\.H(\d+)$")
 
@@ -32,7 +35,7 @@ def eager_attention(model: Any) -> Iterator[None]:
 
 
 @torch.inference_mode()
-def attention_patterns(lm: Any, prompts: Sequence[str], heads: Sequence[str], last: int | None = None) -> dict[str, Any]:
+def attention_patterns(lm: LoadedModel, prompts: Sequence[str], heads: Sequence[str], last: int | None = None) -> dict[str, Any]:
     """Attention weights of ``heads`` (ids ``"L12.H3"``) on each prompt, alone (no padding).
 
     Returns ``{"heads": [...], "prompts": [...], "tokens": [[str]], "patterns": {head: [[q][k] per prompt]}}``;

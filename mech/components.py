@@ -25,7 +25,7 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -181,7 +181,7 @@ def component_param_count(lm: LoadedModel, component: Component | str) -> float:
     """Parameters owned by one component (fractional for heads: the shared K/V share; see module doc)."""
     c = as_component(component)
     check_component(lm, c)
-    block = decoder_layers(lm.model)[c.layer]
+    block: Any = decoder_layers(lm.model)[c.layer]  # a decoder layer: self_attn, mlp
     if c.kind == "attn":
         return float(_module_params(block.self_attn))
     if c.kind == "mlp":
@@ -215,7 +215,7 @@ def random_components(
     """
     if match_layers:
         groups = Counter((c.layer, c.kind) for c in (as_component(x) for x in like))
-        pool_m = None if pool is None else [as_component(c) for c in pool]
+        pool_m: list[Component] | None = None if pool is None else [as_component(c) for c in pool]
         out_m: list[Component] = []
         for (layer, kind), need in sorted(groups.items()):
             if pool_m is None:
@@ -232,13 +232,13 @@ def random_components(
     s = lm.shape
     per_layer = {"head": s.n_heads, "neuron": s.d_mlp, "attn": 1, "mlp": 1}
     for kind in sorted(counts):
-        cands = None if pool_c is None else [c for c in pool_c if c.kind == kind]
-        size = s.n_layers * per_layer[kind] if cands is None else len(cands)
+        of_kind = None if pool_c is None else [c for c in pool_c if c.kind == kind]
+        size = s.n_layers * per_layer[kind] if of_kind is None else len(of_kind)
         if counts[kind] > size:
             raise ValueError(f"cannot draw {counts[kind]} {kind} components from a pool of {size}")
         for i in sorted(int(i) for i in rng.choice(size, size=counts[kind], replace=False)):
-            if cands is not None:
-                out.append(cands[i])
+            if of_kind is not None:
+                out.append(of_kind[i])
             else:  # index i enumerates all_components(lm, kind) without building the list
                 layer, unit = divmod(i, per_layer[kind])
                 out.append(Component(kind, layer, unit if kind in ("head", "neuron") else None))

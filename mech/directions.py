@@ -37,7 +37,8 @@ import operator
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -49,10 +50,16 @@ from mech.hooks import HookPoint, decoder_layers, hook_name, hooks, run_with_cac
 from mech.refusal import refusal_log_odds
 from mech.stats import fields_dict, jsonable
 
+if TYPE_CHECKING:
+    from mech.models import LoadedModel
+
+DirectionIntervention = Literal["directional_ablation", "activation_addition", "weight_orthogonalization"]
+
 __all__ = [
     "CandidateScore",
     "DiffInMeans",
     "DirectionError",
+    "DirectionIntervention",
     "DirectionSelection",
     "activation_addition",
     "diff_in_means",
@@ -91,7 +98,7 @@ class DiffInMeans:
 
 
 @torch.inference_mode()
-def _mean_resid(lm: Any, prompts: Sequence[str], layers: Sequence[int], positions: Sequence[int], bs: int) -> Tensor:
+def _mean_resid(lm: LoadedModel, prompts: Sequence[str], layers: Sequence[int], positions: Sequence[int], bs: int) -> Tensor:
     names = [hook_name(L, "hook_resid_pre") for L in layers]
     total = torch.zeros(len(layers), len(positions), lm.shape.d_model, dtype=torch.float64)
     for i in range(0, len(prompts), bs):
@@ -106,7 +113,7 @@ def _mean_resid(lm: Any, prompts: Sequence[str], layers: Sequence[int], position
 
 
 def diff_in_means(
-    lm: Any,
+    lm: LoadedModel,
     harmful: Sequence[str],
     harmless: Sequence[str],
     positions: Sequence[int] | None = None,
@@ -134,7 +141,7 @@ class DirectionError(ValueError):
     """A direction or steering vector that cannot be applied to this model (wrong width, NaN/inf, zero)."""
 
 
-def _vector(lm: Any, vector: Any, what: str) -> Tensor:
+def _vector(lm: LoadedModel, vector: Any, what: str) -> Tensor:
     """``vector`` as a float64 CPU ``[d_model]`` tensor, checked before any hook is attached: one line of
     :class:`DirectionError` for a non-vector, a wrong width or non-finite values."""
     if not isinstance(vector, Tensor):
@@ -163,7 +170,7 @@ def _vector(lm: Any, vector: Any, what: str) -> Tensor:
     return v
 
 
-def _unit(direction: Tensor, lm: Any = None) -> Tensor:
+def _unit(direction: Tensor, lm: LoadedModel | None = None) -> Tensor:
     r = _vector(lm, direction, "direction") if lm is not None else direction.detach().double().cpu().flatten()
     n = r.norm()
     if not torch.isfinite(n) or n == 0:
@@ -186,7 +193,7 @@ class _Cast:
 
 
 @contextmanager
-def directional_ablation(lm: Any, direction: Tensor) -> Iterator[None]:
+def directional_ablation(lm: LoadedModel, direction: Tensor) -> Iterator[None]:
     """Project ``direction`` (normalized here) out of ``resid_pre`` of every layer and ``attn_out`` /
     ``mlp_out`` of every block, at every position, for the duration of the block."""
     r = _Cast(_unit(direction, lm))
@@ -201,7 +208,7 @@ def directional_ablation(lm: Any, direction: Tensor) -> Iterator[None]:
 
 
 @contextmanager
-def activation_addition(lm: Any, vector: Tensor, layer: int, coeff: float = 1.0) -> Iterator[None]:
+def activation_addition(lm: LoadedModel, vector: Tensor, layer: int, coeff: float = 1.0) -> Iterator[None]:
     """Add ``coeff * vector`` (not normalized) to ``blocks.{layer}.hook_resid_pre`` at every position."""
     try:
         ok = not isinstance(coeff, bool) and math.isfinite(float(coeff))
@@ -225,11 +232,12 @@ def activation_addition(lm: Any, vector: Tensor, layer: int, coeff: float = 1.0)
         yield
 
 
-def _orth_targets(lm: Any) -> list[tuple[nn.Module, str, str]]:
+def _orth_targets(lm: LoadedModel) -> list[tuple[nn.Module, str, str]]:
     """(module, parameter name, how) for every parameter the weight edit touches: rows of the embedding
     (``how="rows"``: each row is a d_model vector) and the output side of o_proj/down_proj (``"out"``)."""
     model = lm.model
     out: list[tuple[nn.Module, str, str]] = [(model.get_input_embeddings(), "weight", "rows")]
+    block: Any  # a decoder layer: self_attn.o_proj, mlp.down_proj
     for L, block in enumerate(decoder_layers(model)):
         if any(hasattr(block, n) for n in ("post_feedforward_layernorm", "pre_feedforward_layernorm")):
             raise NotImplementedError(
@@ -264,7 +272,7 @@ def _orthogonalize(w: Tensor, r: Tensor, how: str, chunk: int = 8192) -> Tensor:
 
 
 @contextmanager
-def orthogonalized_weights(lm: Any, direction: Tensor) -> Iterator[None]:
+def orthogonalized_weights(lm: LoadedModel, direction: Tensor) -> Iterator[None]:
     """Orthogonalize the weights that write to the residual stream against ``direction``, in memory only.
 
     ``embed_tokens`` rows and ``o_proj`` / ``down_proj`` output columns (and biases) get ``(I - r r^T)``
@@ -330,7 +338,7 @@ class DirectionSelection:
     n_layers: int = 0
     positions: tuple[int, ...] = ()
 
-    def grid(self, metric: str = "bypass") -> np.ndarray:
+    def grid(self, metric: Literal["bypass", "induce", "kl", "norm"] = "bypass") -> np.ndarray:
         """``[n_layers, n_pos]`` array of a candidate metric (bypass | induce | kl | norm); NaN where unscored."""
         g = np.full((self.n_layers, len(self.positions)), np.nan)
         for c in self.candidates:
@@ -355,7 +363,7 @@ class DirectionSelection:
 
 @torch.inference_mode()
 def select_direction(
-    lm: Any,
+    lm: LoadedModel,
     dim: DiffInMeans,
     harmful_val: Sequence[str],
     harmless_val: Sequence[str],
@@ -395,11 +403,10 @@ def select_direction(
                 nan = float("nan")
                 scored.append(CandidateScore(L, p, 0.0, nan, nan, nan, False, ("zero vector",)))
                 continue
-            logits = last_logits_under(lm, hv + lv, same_everywhere(lambda v=v: directional_ablation(lm, v)), batch_size)
+            logits = last_logits_under(lm, hv + lv, same_everywhere(partial(directional_ablation, lm, v)), batch_size)
             bypass = float(refusal_log_odds(logits[:nh], ids).double().mean())
             kl = float(first_token_kl(base_logits[nh:], logits[nh:]).double().mean())
-            added = last_logits_under(lm, lv, same_everywhere(lambda v=v, L=L: activation_addition(lm, v, L, coeff)),
-                                      batch_size)
+            added = last_logits_under(lm, lv, same_everywhere(partial(activation_addition, lm, v, L, coeff)), batch_size)
             induce = float(refusal_log_odds(added, ids).double().mean())
             reasons = []
             if not np.isfinite(bypass):
@@ -436,11 +443,11 @@ def select_direction(
 
 
 def evaluate_direction(
-    lm: Any,
+    lm: LoadedModel,
     baseline: Baseline,
     selection: DirectionSelection,
     coeff: float = 1.0,
-    which: Sequence[str] = ("directional_ablation", "activation_addition", "weight_orthogonalization"),
+    which: Sequence[DirectionIntervention] = ("directional_ablation", "activation_addition", "weight_orthogonalization"),
 ) -> dict[str, InterventionResult]:
     """Measure the selected direction's interventions against ``baseline`` (held-out prompts)."""
     target = {"layer": selection.layer, "pos": selection.pos, "norm": selection.norm,
@@ -452,7 +459,7 @@ def evaluate_direction(
         ),
         "weight_orthogonalization": (lambda: orthogonalized_weights(lm, selection.direction), dict(target)),
     }
-    out = {}
+    out: dict[str, InterventionResult] = {}
     for kind in which:
         if kind not in makers:
             raise ValueError(f"unknown direction intervention {kind!r}; use one of {', '.join(makers)}")

@@ -64,9 +64,10 @@ class ModelSpec:
 def _task_sweep(lm: LoadedModel, sweep: str, pairs: list[tuple[str, str]], kwargs: dict[str, Any]) -> dict[str, Any]:
     from mech import patching
 
-    fn = {"patch_sweep": patching.patch_sweep, "layer_sweep": patching.layer_sweep,
-          "head_sweep": patching.head_sweep, "neuron_sweep": patching.neuron_sweep}[sweep]
-    return fn(lm, pairs, **kwargs).to_dict()
+    sweeps: dict[str, Callable[..., PatchResult]] = {
+        "patch_sweep": patching.patch_sweep, "layer_sweep": patching.layer_sweep,
+        "head_sweep": patching.head_sweep, "neuron_sweep": patching.neuron_sweep}
+    return sweeps[sweep](lm, pairs, **kwargs).to_dict()
 
 
 def _task_ablation(
@@ -365,8 +366,9 @@ class RayPool:
                     results[i], done[i] = res, True
                     self.stats.computed += 1
                     self.stats.per_worker[w] = self.stats.per_worker.get(w, 0) + 1
-                    if paths[i] is not None:
-                        self.cache.store(paths[i], res, "json")  # type: ignore[union-attr]
+                    path = paths[i]
+                    if path is not None and self.cache is not None:
+                        self.cache.store(path, res, "json")
                     idle.append(w)
                     bar.update(1)
                     if on_result is not None:

@@ -19,7 +19,7 @@ import json
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -58,7 +58,8 @@ def greedy_completion_ids(
     """Greedy response token ids of each prompt, cut after the first end-of-sequence token (kept)."""
     from mech.refusal import generate_ids
 
-    return generate_ids(lm, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, keep_eos=True)
+    ids = generate_ids(lm, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, keep_eos=True)
+    return cast("list[list[int]]", ids)  # without return_logits: the ids only
 
 
 @torch.inference_mode()

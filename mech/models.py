@@ -372,7 +372,7 @@ def load_model(
         load_kw["device_map"] = {"": dev.index if dev.type == "cuda" and dev.index is not None else str(dev)}
     try:
         tokenizer = AutoTokenizer.from_pretrained(src, **kw)
-        model = AutoModelForCausalLM.from_pretrained(src, **load_kw)
+        model: Any = AutoModelForCausalLM.from_pretrained(src, **load_kw)
     except ModelError:
         raise
     except Exception as e:

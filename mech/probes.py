@@ -12,16 +12,19 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from mech.hooks import hook_name, run_with_cache
 
+if TYPE_CHECKING:
+    from mech.models import LoadedModel
+
 
 @torch.inference_mode()
-def last_position_resid(lm: Any, prompts: Sequence[str], batch_size: int = 16) -> Tensor:
+def last_position_resid(lm: LoadedModel, prompts: Sequence[str], batch_size: int = 16) -> Tensor:
     """``resid_pre`` of every layer plus the final residual at the last prompt position: ``[n, n_layers+1, d]``
     (float64, CPU)."""
     n_layers = lm.shape.n_layers
@@ -35,7 +38,7 @@ def last_position_resid(lm: Any, prompts: Sequence[str], batch_size: int = 16) -
 
 
 def probe_accuracy_by_layer(
-    lm: Any,
+    lm: LoadedModel,
     train_harmful: Sequence[str],
     train_harmless: Sequence[str],
     test_harmful: Sequence[str],
@@ -78,7 +81,7 @@ def shuffled_probe_accuracy(train_h: Tensor, train_s: Tensor, eval_h: Tensor, ev
 
 
 @torch.inference_mode()
-def _dla_one(lm: Any, prompts: Sequence[str], u: Tensor, gamma: Tensor, eps: float, batch_size: int) -> Tensor:
+def _dla_one(lm: LoadedModel, prompts: Sequence[str], u: Tensor, gamma: Tensor, eps: float, batch_size: int) -> Tensor:
     n_layers = lm.shape.n_layers
     names = [hook_name(L, k) for L in range(n_layers) for k in ("hook_attn_out", "hook_mlp_out")]
     final = hook_name(n_layers - 1, "hook_resid_post")
@@ -95,7 +98,7 @@ def _dla_one(lm: Any, prompts: Sequence[str], u: Tensor, gamma: Tensor, eps: flo
 
 
 def direct_logit_attribution(
-    lm: Any, harmful: Sequence[str], harmless: Sequence[str], refusal_ids: Sequence[int], batch_size: int = 16
+    lm: LoadedModel, harmful: Sequence[str], harmless: Sequence[str], refusal_ids: Sequence[int], batch_size: int = 16
 ) -> dict[str, Any]:
     """Per layer: mean DLA of ``attn_out`` and ``mlp_out`` to the refusal tokens on harmful and harmless
     prompts, and their difference (``delta[L] = [attn, mlp]``), the direct effect each block has on refusal;

@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -127,7 +128,7 @@ def _atomic_dir(final: Path) -> Path:
 def _remove_stale_tmp(final: Path) -> list[Path]:
     """Delete the temporary files/dirs (``.<name>.*`` next to ``final``) that a killed preparation left behind.
     Call only while holding :func:`_prepare_lock` for ``final``: then no live writer owns any of them."""
-    removed = []
+    removed: list[Path] = []
     if not final.parent.is_dir():
         return removed
     prefix = f".{final.name}."
@@ -261,7 +262,7 @@ def _dequantize(gguf: Path, fingerprint: str, final: Path) -> None:
     log.info("de-quantizing %s (once; later loads use %s)", gguf.name, final)
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        model: Any = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     except Exception as e:  # transformers raises many types here; the user needs one line
         raise ModelError(f"corrupt or unsupported GGUF {gguf}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
     if getattr(model, "hf_quantizer", None) is not None:

@@ -298,7 +298,7 @@ def bootstrap_ci(
 
     ``samples``: one sequence (a mean's CI) or a tuple of equally long sequences resampled together (paired:
     e.g. per-prompt scores before and after, for a ratio of means). NaN when fewer than 3 values or constant."""
-    one = np.ndim(samples[0]) == 0  # type: ignore[index]
+    one = np.ndim(samples[0]) == 0
     arrays = [np.asarray(samples, dtype=float)] if one else [np.asarray(x, dtype=float) for x in samples]
     stat = statistic if statistic is not None else (lambda x: float(np.mean(x)))
     n = len(arrays[0])

@@ -359,7 +359,7 @@ def reference_runs(
                 return cap
 
             fh = [(kind_hook(k, L, eng.n_layers), make((k, L))) for k, L in sorted(needs) if k != "resid"]
-            rec = {} if want_kv else None
+            rec: dict[int, tuple[Tensor, Tensor]] | None = {} if want_kv else None
             final = eng.run(
                 [(0, eng.embed(ids))], pos, shared=shared, fwd_hooks=fh, resid_fn=resid_fn, kv_record=rec,
                 out_slot=lens_t - 1,

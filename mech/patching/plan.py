@@ -123,13 +123,13 @@ def make_metric(refusal_ids: Sequence[int] | None, metric: Metric | None, d_voca
         raise PatchingError(str(e)) from None
 
 
-def _logits_device(lm: Any) -> torch.device:
+def _logits_device(lm: LoadedModel) -> torch.device:
     head = lm.model.get_output_embeddings()
     dev = head.weight.device if head is not None else torch.device("cpu")
     return torch.device("cpu") if dev.type == "meta" else dev
 
 
-def check_metric(lm: Any, metric: Metric, d_vocab: int | None = None) -> None:
+def check_metric(lm: LoadedModel, metric: Metric, d_vocab: int | None = None) -> None:
     """Call ``metric`` once on zero logits ``[2, d_vocab]`` (no forward) and check it returns one value per
     row, ``[2]``: a metric of the wrong shape is a one-line :class:`PatchingError` before the sweep starts."""
     if isinstance(metric, RefusalMetric):
@@ -185,23 +185,26 @@ def _unique(seqs: list[list[int]]) -> tuple[list[list[int]], list[int]]:
 
 
 def make_plan(
-    lm: Any, pairs: list[tuple[str, str]], patches: Sequence[Patch], direction: str, system: str | None, check_aligned: bool
+    lm: LoadedModel, pairs: list[tuple[str, str]], patches: Sequence[Patch], direction: Direction, system: str | None,
+    check_aligned: bool,
 ) -> Plan:
+    """Tokenize the pairs once and resolve every patch's sites to end-aligned positions per pair (checked:
+    layers, units, positions inside the prompts, absolute positions only on equal lengths, the same tokens at
+    end-aligned positions unless ``check_aligned=False``)."""
     shape = lm.shape
     harmful = lm.encode_chat([a for a, _ in pairs], system=system)
     harmless = lm.encode_chat([b for _, b in pairs], system=system)
     src_tok, rcv_tok = (harmful, harmless) if direction == DENOISE else (harmless, harmful)
     for patch in patches:
-        for s in patch.sites:
+        for site in patch.sites:
             top = shape.n_layers - 1
-            if not 0 <= s.layer <= top:
-                raise PatchingError(f"layer {s.layer} out of range: the model has {shape.n_layers} layers (0..{top})")
-            if s.index is not None:
-                limit = shape.n_heads if s.component == "z" else shape.d_mlp
-                bad = [i for i in s.index if not 0 <= i < limit]
+            if not 0 <= site.layer <= top:
+                raise PatchingError(f"layer {site.layer} out of range: the model has {shape.n_layers} layers (0..{top})")
+            if site.index is not None:
+                limit = site.spec.features(shape)
+                bad = [i for i in site.index if not 0 <= i < limit]
                 if bad:
-                    what = "head" if s.component == "z" else "neuron"
-                    raise PatchingError(f"{what} {bad[0]} out of range at layer {s.layer}: 0..{limit - 1}")
+                    raise PatchingError(f"{site.spec.unit} {bad[0]} out of range at layer {site.layer}: 0..{limit - 1}")
     neg: list[list[list[tuple[Site, tuple[int, ...]]]]] = []
     window = 1
     for i, (r, s) in enumerate(zip(rcv_tok, src_tok, strict=True)):
@@ -355,7 +358,7 @@ def prepare_sweep(
     if method not in ("fast", "naive", "auto"):
         raise PatchingError(f"unknown method {method!r}; use auto, fast or naive")
     chosen: Literal["fast", "naive"] = (
-        ("naive" if getattr(lm, "sharded", False) else "fast") if method == "auto" else method  # type: ignore[assignment]
+        ("naive" if getattr(lm, "sharded", False) else "fast") if method == "auto" else method
     )
     plan = make_plan(lm, pairs_t, patches, direction_n, system, check_aligned)
     return PreparedSweep(direction_n, pairs_t, patches, met, chosen, plan)

@@ -41,7 +41,7 @@ class PatchResult:
     clean: np.ndarray  # [n_pairs]
     source: np.ndarray  # [n_pairs]
     meta: dict[str, Any] = field(default_factory=dict)
-    normalized: np.ndarray = field(default=None)  # type: ignore[assignment]  # [n_pairs, n_patches]
+    normalized: np.ndarray = field(default=None)  # type: ignore[arg-type]  # [n_pairs, n_patches], computed when None
     logits: Tensor | None = field(default=None, repr=False)  # [n_pairs, n_patches, d_vocab] if asked for
 
     def __post_init__(self) -> None:
@@ -117,7 +117,7 @@ class PatchResult:
                 raise ValueError(f"several patches fall on cell {dict(zip(keys, cell, strict=True))}; add keys or where=")
             filled[cell] = True
             if per_pair:
-                out[(slice(None), *cell)] = vals[:, j]
+                out[(slice(None),) + cell] = vals[:, j]
             else:
                 out[cell] = vals[j]
         return out
