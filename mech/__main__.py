@@ -82,6 +82,10 @@ def _replicate(args: argparse.Namespace, argv: list[str] | None) -> int:
     except ReplicationError as e:
         sys.stderr.write(f"error: {e}\n")
         return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("replicate: interrupted; finished runs and cached sweeps are kept: run the same command "
+                         "again to resume\n")
+        return 130
     if args.check:
         sys.stdout.write(f"replicate: inputs and memory OK for {len(rep['runs'])} run(s)\n")
         return 0

