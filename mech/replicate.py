@@ -227,7 +227,10 @@ def model_config(model: str, cache_dir: Path) -> tuple[dict[str, Any] | None, st
         return None, "unknown"
     p = Path(model).expanduser()
     if p.is_dir() and (p / "config.json").is_file():
-        return json.loads((p / "config.json").read_text()), "local config"
+        try:
+            return json.loads((p / "config.json").read_text()), "local config"
+        except (OSError, ValueError):
+            return None, "unreadable config"
     if p.suffix == ".gguf" and p.is_file():
         return None, "gguf size"
     try:  # a hub id already in the local HF cache

@@ -273,3 +273,35 @@ def test_a_set_value_the_suite_refuses_stops_the_replication(tmp_path: Path):
     assert "n_random_primary must be at least 1" in errors[0] and "tiny__pairs" in errors[0], errors
     assert not (tmp_path / "r" / "replication" / "tiny__pairs-2").exists(), "the second run started"
     assert not (tmp_path / "r" / "replication.json").exists()
+
+
+def test_a_run_without_findings_is_an_error_cell_never_a_verdict(tmp_path: Path):
+    """A run that crashed (no findings) gives every claim an error cell with its message, in the JSON rows, the
+    forest plots and the page; a finished run missing a claim is an error cell too."""
+    from mech.replicate import RunResult, forest_figure, gather, plan_runs, render_html
+
+    ok, crashed = plan_runs(["tiny-a", "tiny-b"], ["pairs"])
+    claim = {"id": "hypotheses/test_baseline.py::test_harmful_refusal_rate", "hypothesis": "baseline",
+             "primary": True, "verdict": "NOT supported", "effect": -0.5, "ci": [-0.6, -0.4], "n": 16,
+             "p_value": 1.0, "p_adjusted": 1.0, "message": "p = 1", "claim": "PRIMARY. Harmful prompts are refused."}
+    results = [RunResult(ok, tmp_path / "a", "complete", exit_status=1, wall_s=1.0, findings={"claims": [claim]}),
+               RunResult(crashed, tmp_path / "b", "error", exit_status=-9, wall_s=2.0,
+                         message="killed by signal 9: (see pytest.log)")]
+    rows = gather(results, ["hypotheses/test_baseline.py::test_harmful_refusal_rate",
+                            "hypotheses/test_single_direction.py::test_directional_ablation_removes_refusal"])
+    assert [r["hypothesis"] for r in rows] == ["baseline", "H4"]
+    base, h4 = rows
+    assert base["cells"][ok.id]["verdict"] == "NOT supported" and base["cells"][ok.id]["effect"] == -0.5
+    assert base["cells"][crashed.id] == {"verdict": "error", "message": "killed by signal 9: (see pytest.log)"}
+    assert h4["cells"][ok.id]["verdict"] == "error" and "missing" in h4["cells"][ok.id]["message"]
+    fig = forest_figure(base, [ok, crashed])
+    assert [t.name for t in fig.data] == ["NOT supported", "no effect"] and list(fig.data[1].text) == ["error"]
+    report = {"created": "now", "command": ["python", "-m", "mech", "replicate"], "wall_s": 3.0, "memory": [],
+              "depth": [], "claims": rows,
+              "runs": [{"id": r.spec.id, "model": r.spec.model, "prompts": r.spec.prompts, "status": r.status,
+                        "reused": False, "wall_s": r.wall_s, "peak_rss_gb": None, "message": r.message,
+                        "summary": None} for r in results]}
+    from mech.replicate import depth_figure
+
+    page = render_html(report, {r["id"]: forest_figure(r, [ok, crashed]) for r in rows} | {"__depth__": depth_figure([])})
+    assert page.count('data-verdict="error"') == 3 and page.count('class="cell"') == 4
