@@ -42,10 +42,6 @@ def refusal_ids(tiny) -> list[int]:
     return [tiny.tokenizer("I", add_special_tokens=False)["input_ids"][0]]
 
 
-def _hook_count(model) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-
-
 @torch.inference_mode()
 def _logits(lm, prompts=HARMFUL + HARMLESS):
     enc = lm.batch(list(prompts))
@@ -92,11 +88,11 @@ def test_component_ids_round_trip(tiny):
 # ---------------------------------------------------------------------------------------- semantics
 
 
-def test_ablating_nothing_is_the_identity(tiny):
+def test_ablating_nothing_is_the_identity(tiny, hook_count):
     base, m = _logits(tiny)
-    n0 = _hook_count(tiny.model)
+    n0 = hook_count(tiny.model)
     with ablate(tiny, []):
-        assert _hook_count(tiny.model) == n0
+        assert hook_count(tiny.model) == n0
         same, _ = _logits(tiny)
     with ablate(tiny, ["L1.H0", "L2.N5", "L0.attn"], positions=[]):  # components but no position
         same2, _ = _logits(tiny)
@@ -152,16 +148,16 @@ def test_mean_modes(tiny):
             pass
 
 
-def test_hooks_removed_after_an_exception(tiny):
-    n0 = _hook_count(tiny.model)
+def test_hooks_removed_after_an_exception(tiny, hook_count):
+    n0 = hook_count(tiny.model)
     means = mean_activations(tiny, HARMLESS, kinds=("head", "neuron", "attn", "mlp"))
     for method in ("zero", "mean"):
         with pytest.raises(RuntimeError, match="boom"):
             with ablate(tiny, ["L0.H1", "L1.N3", "L2.attn", "L2.mlp"], method, means):
-                assert _hook_count(tiny.model) == n0 + 4
+                assert hook_count(tiny.model) == n0 + 4
                 _logits(tiny)
                 raise RuntimeError("boom")
-        assert _hook_count(tiny.model) == n0
+        assert hook_count(tiny.model) == n0
 
 
 # --------------------------------------------------------------------------------------- parameters

@@ -39,10 +39,6 @@ LINEAR_RHO_MIN = 0.99  # last-layer neurons at the last position, per pair: meas
 LINEAR_R_MIN = 0.97  # Pearson of the same estimates
 
 
-def _hook_count(model: torch.nn.Module) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
-
-
 @pytest.fixture(params=("qwen2", "llama"), ids=("qwen2", "llama"))
 def tiny(request: pytest.FixtureRequest) -> LoadedModel:
     return request.getfixturevalue(f"tiny_{request.param}")
@@ -130,7 +126,7 @@ def test_verify_against_exact(tiny: LoadedModel) -> None:
 
 
 @pytest.mark.parametrize("method", ["fast", "naive"])
-def test_hooks_are_gone_after_an_exception_during_atp(tiny: LoadedModel, method: str) -> None:
+def test_hooks_are_gone_after_an_exception_during_atp(tiny: LoadedModel, method: str, hook_count) -> None:
     calls = {"n": 0}
 
     def boom(module: torch.nn.Module, args: tuple) -> None:
@@ -138,14 +134,14 @@ def test_hooks_are_gone_after_an_exception_during_atp(tiny: LoadedModel, method:
         if calls["n"] >= 3:
             raise RuntimeError("boom")
 
-    before = _hook_count(tiny.model)
+    before = hook_count(tiny.model)
     handle = tiny.model.model.layers[tiny.shape.n_layers - 1].mlp.register_forward_pre_hook(boom)
     try:
         with pytest.raises(RuntimeError, match="boom"):
             attribution_patching(tiny, PAIRS, refusal_ids=REFUSAL, method=method)
     finally:
         handle.remove()
-    assert _hook_count(tiny.model) == before
+    assert hook_count(tiny.model) == before
     assert all(not p.requires_grad for p in tiny.model.parameters())
 
 

@@ -37,10 +37,6 @@ def tiny_by_arch() -> dict:
     return {arch: build_tiny_model(arch) for arch in TINY_ARCHS}
 
 
-def _hook_count(model) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-
-
 @torch.inference_mode()
 def _logits(lm, prompts):
     enc = lm.batch(list(prompts))
@@ -182,7 +178,7 @@ def test_selection_criteria(tiny_by_arch):
     assert d["layer"] == sel.layer and len(d["direction"]) == lm.shape.d_model
 
 
-def test_evaluate_direction_and_hook_hygiene(tiny_by_arch):
+def test_evaluate_direction_and_hook_hygiene(tiny_by_arch, hook_count):
     lm = tiny_by_arch["llama"]
     ids = [lm.tokenizer("I", add_special_tokens=False)["input_ids"][0]]
     dim = diff_in_means(lm, HARMFUL, HARMLESS)
@@ -195,12 +191,12 @@ def test_evaluate_direction_and_hook_hygiene(tiny_by_arch):
     assert abl.kl == pytest.approx(orth.kl, abs=1e-3)
     assert res["activation_addition"].target["coeff"] == 1.0
     json.dumps({k: v.to_dict() for k, v in res.items()})
-    n0 = _hook_count(lm.model)
+    n0 = hook_count(lm.model)
     for ctx in (directional_ablation(lm, sel.direction), activation_addition(lm, sel.vector, 1)):
         with pytest.raises(KeyError):
             with ctx:
                 raise KeyError("x")
-        assert _hook_count(lm.model) == n0
+        assert hook_count(lm.model) == n0
 
 
 def test_no_function_writes_weights_to_disk():

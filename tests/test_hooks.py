@@ -26,15 +26,11 @@ def tiny(request: pytest.FixtureRequest) -> LoadedModel:
     return request.getfixturevalue(f"tiny_{request.param}")
 
 
-def _hook_count(model: torch.nn.Module) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
-
-
 def _ids(tiny: LoadedModel) -> torch.Tensor:
     return torch.tensor(tiny.encode_chat(PROMPTS[:1]))
 
 
-def test_every_hook_name_resolves_with_its_shape(tiny: LoadedModel) -> None:
+def test_every_hook_name_resolves_with_its_shape(tiny: LoadedModel, hook_count) -> None:
     s = tiny.shape
     ids = _ids(tiny)
     _, cache = run_with_cache(tiny, ids)
@@ -53,7 +49,7 @@ def test_every_hook_name_resolves_with_its_shape(tiny: LoadedModel) -> None:
     for L in range(s.n_layers):
         for kind, shape in expected.items():
             assert tuple(cache[hook_name(L, kind)].shape) == shape, (L, kind)
-    assert _hook_count(tiny.model) == 0
+    assert hook_count(tiny.model) == 0
 
 
 def test_heads_of_z_through_o_proj_sum_to_attn_out(tiny: LoadedModel) -> None:
@@ -92,7 +88,7 @@ def test_resid_pre_0_includes_embedding_scaling(tiny: LoadedModel) -> None:
     torch.testing.assert_close(c[hook_name(0, "hook_resid_pre")], emb * scale, atol=1e-4, rtol=1e-5)
 
 
-def test_hook_replacement_takes_effect_and_identity_is_exact(tiny: LoadedModel) -> None:
+def test_hook_replacement_takes_effect_and_identity_is_exact(tiny: LoadedModel, hook_count) -> None:
     ids = _ids(tiny)
     with torch.inference_mode():
         base = tiny.model(input_ids=ids).logits
@@ -100,10 +96,10 @@ def test_hook_replacement_takes_effect_and_identity_is_exact(tiny: LoadedModel) 
         zeroed = run_with_hooks(tiny, ids, [(hook_name(1, "attn.hook_z"), lambda x, h: torch.zeros_like(x))]).logits
     torch.testing.assert_close(same, base, atol=0, rtol=0)
     assert (zeroed - base).abs().max() > 1e-3
-    assert _hook_count(tiny.model) == 0
+    assert hook_count(tiny.model) == 0
 
 
-def test_hooks_are_removed_after_an_exception_in_a_hooked_forward(tiny: LoadedModel) -> None:
+def test_hooks_are_removed_after_an_exception_in_a_hooked_forward(tiny: LoadedModel, hook_count) -> None:
     def boom(x: torch.Tensor, hook: object) -> None:
         raise RuntimeError("boom")
 
@@ -111,12 +107,12 @@ def test_hooks_are_removed_after_an_exception_in_a_hooked_forward(tiny: LoadedMo
     fwd = [(n, lambda x, h: None) for n in names[:-1]] + [(names[-1], boom)]
     with pytest.raises(RuntimeError, match="boom"):
         with hooks(tiny, fwd):
-            assert _hook_count(tiny.model) == len(fwd)
+            assert hook_count(tiny.model) == len(fwd)
             tiny.model(input_ids=_ids(tiny))
-    assert _hook_count(tiny.model) == 0
+    assert hook_count(tiny.model) == 0
 
 
-def test_layer_out_of_range_is_a_one_line_hook_error(tiny: LoadedModel) -> None:
+def test_layer_out_of_range_is_a_one_line_hook_error(tiny: LoadedModel, hook_count) -> None:
     n = tiny.shape.n_layers
     with pytest.raises(HookError) as err:
         resolve(tiny, hook_name(n, "hook_resid_pre"))
@@ -129,4 +125,4 @@ def test_layer_out_of_range_is_a_one_line_hook_error(tiny: LoadedModel) -> None:
     with pytest.raises(HookError):
         with hooks(tiny, [(hook_name(0, "hook_resid_pre"), lambda x, h: None), (hook_name(n + 3, "hook_mlp_out"), lambda x, h: None)]):
             pass
-    assert _hook_count(tiny.model) == 0
+    assert hook_count(tiny.model) == 0

@@ -53,10 +53,6 @@ SAME_LENGTH_CANDIDATES = [
 ]
 
 
-def _hook_count(model: torch.nn.Module) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
-
-
 def _same_length_pair(lm: LoadedModel) -> tuple[str, str]:
     for a, b in SAME_LENGTH_CANDIDATES:
         x, y = lm.encode_chat([a, b])
@@ -219,7 +215,7 @@ def test_all_heads_of_z_equal_attn_out(tiny: LoadedModel, method: str) -> None:
 
 
 @pytest.mark.parametrize("method", ["fast", "naive"])
-def test_hooks_are_gone_after_an_exception_inside_a_patched_forward(tiny: LoadedModel, method: str) -> None:
+def test_hooks_are_gone_after_an_exception_inside_a_patched_forward(tiny: LoadedModel, method: str, hook_count) -> None:
     calls = {"n": 0}
 
     def boom(module: torch.nn.Module, args: tuple) -> None:
@@ -227,7 +223,7 @@ def test_hooks_are_gone_after_an_exception_inside_a_patched_forward(tiny: Loaded
         if calls["n"] >= 2:  # let the reference runs pass, fail inside a patched forward
             raise RuntimeError("boom")
 
-    before = _hook_count(tiny.model)
+    before = hook_count(tiny.model)
     handle = tiny.model.model.layers[tiny.shape.n_layers - 1].mlp.register_forward_pre_hook(boom)
     try:
         patches = head_patches(tiny.shape.n_layers, tiny.shape.n_heads) + layer_patches(tiny.shape.n_layers)
@@ -235,16 +231,16 @@ def test_hooks_are_gone_after_an_exception_inside_a_patched_forward(tiny: Loaded
             patch_sweep(tiny, PAIRS, patches, refusal_ids=REFUSAL, method=method, progress=False)
     finally:
         handle.remove()
-    assert _hook_count(tiny.model) == before
+    assert hook_count(tiny.model) == before
 
 
-def test_metric_errors_leave_no_hooks(tiny: LoadedModel) -> None:
+def test_metric_errors_leave_no_hooks(tiny: LoadedModel, hook_count) -> None:
     def bad_metric(logits: torch.Tensor) -> torch.Tensor:
         raise ValueError("bad metric")
 
     with pytest.raises(ValueError, match="bad metric"):
         patch_sweep(tiny, PAIRS, layer_patches(tiny.shape.n_layers), metric=bad_metric)
-    assert _hook_count(tiny.model) == 0
+    assert hook_count(tiny.model) == 0
 
 
 # --------------------------------------------------------------------------------------------- errors
@@ -363,7 +359,7 @@ def test_real_model_identities_and_refusal_gap(lm: LoadedModel) -> None:
 
 @pytest.mark.realmodel
 @pytest.mark.slow
-def test_real_model_hooks_gone_after_exception_in_fast_path(lm: LoadedModel) -> None:
+def test_real_model_hooks_gone_after_exception_in_fast_path(lm: LoadedModel, hook_count) -> None:
     calls = {"n": 0}
 
     def boom(module: torch.nn.Module, args: tuple) -> None:
@@ -371,14 +367,14 @@ def test_real_model_hooks_gone_after_exception_in_fast_path(lm: LoadedModel) -> 
         if calls["n"] >= 3:
             raise RuntimeError("boom")
 
-    before = _hook_count(lm.model)
+    before = hook_count(lm.model)
     handle = lm.model.model.layers[lm.shape.n_layers - 1].register_forward_pre_hook(boom)
     try:
         with pytest.raises(RuntimeError, match="boom"):
             head_sweep(lm, REAL_PAIRS, layers=[lm.shape.n_layers - 2], refusal_ids=_refusal_ids(lm))
     finally:
         handle.remove()
-    assert _hook_count(lm.model) == before
+    assert hook_count(lm.model) == before
 
 
 def test_tiny_models_built_here_work_too() -> None:

@@ -58,10 +58,10 @@ def test_equals_a_plain_forward(tiny_model, case):
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
 
 
-def test_hooks_removed_and_scores_shape(tiny_qwen2):
-    before = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in tiny_qwen2.model.modules())
+def test_hooks_removed_and_scores_shape(tiny_qwen2, hook_count):
+    before = hook_count(tiny_qwen2.model)
     s = scores_under(tiny_qwen2, PROMPTS, [5, 6], ablation_intervention(tiny_qwen2, ["L0.H0"], "zero"))
-    after = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in tiny_qwen2.model.modules())
+    after = hook_count(tiny_qwen2.model)
     assert s.shape == (len(PROMPTS),) and torch.isfinite(s).all() and before == after
     with pytest.raises(ValueError, match="at least one prompt"):
         last_logits_under(tiny_qwen2, [])
