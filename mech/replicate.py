@@ -352,7 +352,7 @@ def _prompts_fingerprint(prompts: str) -> str:
 
 def _pytest_args(spec: RunSpec, opts: dict[str, Any], extra: Sequence[str] = ()) -> list[str]:
     args = [sys.executable, "-m", "pytest", str(ROOT / "hypotheses"), "-m", "primary", "--rootdir", str(ROOT),
-            "-c", str(ROOT / "pyproject.toml"), "-p", "no:cacheprovider", "-q", "--tb=line", "--verdict-exit",
+            "-c", str(ROOT / "pyproject.toml"), "-p", "no:cacheprovider", "-q", "--tb=line", "--verdict-exit", "--durations=10",
             "--model", spec.model, "--cache-dir", str(opts["cache_dir"]), "--device", opts["device"],
             "--dtype", opts["dtype"], "--quantize", opts["quantize"]]
     if spec.prompts_path:
@@ -751,7 +751,8 @@ def replicate(models: Sequence[str], prompts: Sequence[str] = (DEFAULT_PROMPTS,)
     code = _code_hash()
     results = []
     for i, spec in enumerate(specs, 1):
-        log.info("run %d/%d %s: %s on %s", i, len(specs), spec.id, spec.model, spec.prompts)
+        log.info("run %d/%d %s: %s on %s (log: %s)", i, len(specs), spec.id, spec.model, spec.prompts,
+                 out / "replication" / spec.id / "pytest.log")
         res = run_one(spec, opts, out, code, force=force)
         s = res.findings.get("summary", {})
         if res.reused:
