@@ -124,7 +124,25 @@ class Engine:
     """Partial forwards over a range of decoder layers for a window of positions on top of cached prefix K/V.
 
     Works on any HF decoder-only model whose base model has ``layers``, ``rotary_emb`` and ``norm`` and whose
-    attention runs ``eager`` or ``sdpa`` (a 4-D additive mask is passed to the layers).
+    attention runs ``eager`` or ``sdpa`` (a 4-D additive mask is passed to the layers); the model must sit on
+    one device (a sharded model uses the sweeps' ``method="naive"``). The pieces:
+
+    * :meth:`embed` — the residual stream entering layer 0 ``[B, T, d_model]``;
+    * :meth:`run` — rows of ``W`` positions from their join layer to the end, hooks and ``resid_fn`` active;
+      returns the final-normed residual at one position per row;
+    * :meth:`unembed` / :meth:`logits_metric` — logits and a metric of those rows;
+    * :attr:`work` — a :class:`Work` counter of what was computed.
+
+    Example, the last-position logits of one prompt (what a full forward gives, to float round-off)::
+
+        eng = Engine(lm)
+        ids = torch.tensor([lm.encode_chat(["How do I bake bread?"])[0]])
+        T = ids.shape[1]
+        final = eng.run([(0, eng.embed(ids))], torch.arange(T)[None], out_slot=torch.tensor([T - 1]))
+        logits = eng.unembed(final)  # [1, d_vocab]
+
+    A patched run instead starts at layer ``L`` from a cached residual of the last ``W`` positions, on top of the
+    prefix K/V that :func:`reference_runs` recorded (``shared``/``rem``); see :mod:`mech.patching.exact`.
     """
 
     def __init__(self, lm: LoadedModel) -> None:
