@@ -74,7 +74,10 @@ class Grade:
 
 
 def _has_hooks(model: Any) -> bool:
-    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    """Whether an intervention's hook (attached by :func:`mech.hooks.hooks`) is on the model. Other hooks are
+    allowed: transformers installs persistent output-capturing hooks the first time attentions are requested."""
+    return any(getattr(h, "__module__", None) == "mech.hooks"
+               for m in model.modules() for d in (m._forward_hooks, m._forward_pre_hooks) for h in d.values())
 
 
 @dataclass

@@ -93,12 +93,16 @@ def test_grades_survive_the_cache_round_trip(tiny_qwen2):
 
 
 def test_grading_refuses_a_modified_model(tiny_qwen2):
-    """Coherence is measured by the unmodified model: grading inside an intervention is an error, not a number."""
-    layer = tiny_qwen2.model.model.layers[0]
-    h = layer.register_forward_hook(lambda m, i, o: o)
-    try:
+    """Coherence is measured by the unmodified model: grading inside an intervention is an error, not a number.
+    A hook that is not an intervention's (transformers' persistent output-capturing hooks) is allowed."""
+    from mech.hooks import hook_name, hooks
+
+    with hooks(tiny_qwen2, [(hook_name(0, "hook_resid_post"), lambda x, hook: x)]):
         with pytest.raises(RuntimeError, match="unmodified"):
             Grader(LENIENT).grade(tiny_qwen2, PROMPTS[:1], [FLUENT])
+    h = tiny_qwen2.model.model.layers[0].register_forward_hook(lambda m, i, o: None)
+    try:
+        assert len(Grader(LENIENT).grade(tiny_qwen2, PROMPTS[:1], [FLUENT])) == 1
     finally:
         h.remove()
 
