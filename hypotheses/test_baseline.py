@@ -191,7 +191,7 @@ def test_over_refusal(summary, suite, claim):
 
 
 def test_generation_long_enough(generation_length, suite, claim):
-    """Exploratory. The generation length is long enough: the share of harmful test prompts whose outcome (the
+    """Exploratory. The generation length is long enough: the share of held-out harmful prompts whose outcome (the
     decision measure) changes when the completion is extended from ``max_new_tokens`` to ``length_probe_tokens``
     tokens is < 0.10 (exact one-sided binomial, p < alpha). Reported beside it: refusal markers that first appear
     after token 32 and after token 64, and the cut-off completions each measure reads differently once longer."""
@@ -202,7 +202,7 @@ def test_generation_long_enough(generation_length, suite, claim):
     a, b = g["grades"][short], g["grades"][long_]
     changed = [x.outcome != y.outcome for x, y in zip(a, b, strict=True)]
     if not changed:
-        pytest.skip("no harmful test prompts to generate")
+        pytest.skip("no held-out harmful prompts to generate")
     r = binomial_rate(changed)
     p0 = suite.length_change_max
     p = binomial_pvalue(r.k, r.n, p0, "less")
