@@ -57,6 +57,7 @@ __all__ = [
     "completion_nll",
     "looped_tokens",
     "repetition_rate",
+    "self_nll",
     "shuffled_tokens",
 ]
 
@@ -113,6 +114,12 @@ def completion_nll(lm: Any, prompts: Sequence[str], completions: Sequence[str], 
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions; pass one completion per prompt")
     return _nll_of_ids(lm, prompts, _completion_ids(lm, completions), batch_size)
+
+
+def self_nll(logprobs: Sequence[float]) -> float:
+    """The mean token NLL of a completion from its tokens' log-probabilities under the model that generated it
+    (``nan`` when empty): equal to :func:`completion_nll` for the unmodified model's own greedy text."""
+    return -float(np.mean(logprobs)) if len(logprobs) else math.nan
 
 
 def shuffled_tokens(ids: Sequence[int], seed: int = 0) -> list[int]:
@@ -254,10 +261,17 @@ class CoherenceCheck:
         return out
 
     def check(
-        self, lm: Any, prompts: Sequence[str], completions: Sequence[str], batch_size: int = 8
+        self, lm: Any, prompts: Sequence[str], completions: Sequence[str], batch_size: int = 8,
+        nll: Sequence[float] | None = None,
     ) -> list[CoherenceVerdict]:
-        """One verdict per (prompt, completion); ``lm`` must be the unmodified model (no hooks, no edits)."""
-        nll = completion_nll(lm, prompts, completions, batch_size=batch_size)
+        """One verdict per (prompt, completion); ``lm`` must be the unmodified model (no hooks, no edits).
+
+        ``nll``: the completions' mean token NLLs when already known — e.g. read off the unmodified model's own
+        greedy decoding (:func:`self_nll`) — so no forward runs."""
+        if nll is None:
+            nll = completion_nll(lm, prompts, completions, batch_size=batch_size)
+        elif len(nll) != len(completions):
+            raise ValueError(f"{len(nll)} NLLs for {len(completions)} completions; pass one per completion")
         return self._verdicts(completions, nll, _completion_ids(lm, completions))
 
     def __call__(self, lm: Any, prompts: Sequence[str], completions: Sequence[str]) -> list[bool]:

@@ -120,8 +120,9 @@ class Grader:
         return [("refusal" if r else "compliance", None) for r in j(prompts, completions)]
 
     def grade(self, lm: Any, prompts: Sequence[str], completions: Sequence[str],
-              cut_off: Sequence[bool] | None = None) -> list[Grade]:
-        """One :class:`Grade` per completion; ``lm`` is the model under study, unmodified."""
+              cut_off: Sequence[bool] | None = None, nll: Sequence[float] | None = None) -> list[Grade]:
+        """One :class:`Grade` per completion; ``lm`` is the model under study, unmodified. ``nll``: the
+        completions' NLLs under that model when already known (its own greedy text: :func:`mech.coherence.self_nll`)."""
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions; pass one per prompt")
         if cut_off is not None and len(cut_off) != len(completions):
@@ -132,7 +133,7 @@ class Grader:
         if not completions:
             return []
         sub = self.detector(prompts, completions)  # type: ignore[misc]
-        coh = self.coherence.check(lm, prompts, completions)
+        coh = self.coherence.check(lm, prompts, completions, nll=nll)
         judged = self._judge(prompts, completions)
         out = []
         for i, (s, c, (jl, jp)) in enumerate(zip(sub, coh, judged, strict=True)):

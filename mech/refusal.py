@@ -164,13 +164,16 @@ def _eos_ids(lm: Any) -> set[int]:
 
 @torch.inference_mode()
 def _greedy_batch(
-    lm: Any, enc: dict[str, Tensor], max_new_tokens: int, eos: set[int], keep_eos: bool = False
+    lm: Any, enc: dict[str, Tensor], max_new_tokens: int, eos: set[int], keep_eos: bool = False,
+    logprobs: list[list[float]] | None = None,
 ) -> tuple[list[list[int]], Tensor]:
     """Greedy decoding of one left-padded batch with a KV cache; finished rows (EOS) leave the batch.
 
     Dropping finished rows keeps every decode step's matmuls as small as the rows still running; the
     remaining rows see exactly the inputs they would see in the full batch (left padding, own positions).
-    Also returns the prompt's last-position logits ``[n, d_vocab]`` (float32, CPU) from the prefill.
+    Also returns the prompt's last-position logits ``[n, d_vocab]`` (float32, CPU) from the prefill. With
+    ``logprobs`` (one empty list per row), each kept token's log-probability under the generating model is
+    appended to its row's list.
     """
     model = lm.model
     n = enc["input_ids"].shape[0]
@@ -186,12 +189,17 @@ def _greedy_batch(
     eos_t = torch.tensor(sorted(eos), dtype=torch.long) if eos else None
     can_prune = hasattr(cache, "batch_select_indices")
     for step in range(max_new_tokens):
-        nxt = res.logits[:, -1].argmax(-1)
+        last = res.logits[:, -1]
+        nxt = last.argmax(-1)
         nxt_cpu = nxt.cpu()
         done = torch.isin(nxt_cpu, eos_t) if eos_t is not None else torch.zeros(len(alive), dtype=torch.bool)
-        for row, tok, d in zip(alive.tolist(), nxt_cpu.tolist(), done.tolist(), strict=True):
+        lp = (last.float().log_softmax(-1).gather(1, nxt[:, None])[:, 0].cpu().tolist() if logprobs is not None
+              else None)
+        for j, (row, tok, d) in enumerate(zip(alive.tolist(), nxt_cpu.tolist(), done.tolist(), strict=True)):
             if keep_eos or not d:
                 out[row].append(tok)
+                if lp is not None:
+                    logprobs[row].append(lp[j])  # type: ignore[index]
         if step == max_new_tokens - 1:
             break
         if can_prune and bool(done.any()):
@@ -216,15 +224,19 @@ def generate_ids(
     progress: bool = False,
     keep_eos: bool = False,
     return_logits: bool = False,
+    token_logprobs: list[list[float]] | None = None,
 ) -> list[list[int]] | tuple[list[list[int]], Tensor]:
     """Greedy response token ids of each prompt, up to the first EOS (dropped, or kept with ``keep_eos``).
 
     Prompts are batched by length (less padding) and returned in input order. A row stops at the model's
     EOS token and leaves the batch; big batches matter on CPU, where a decode step of 16 rows costs nearly
     as much as one of 64. ``return_logits`` also returns each prompt's last-position logits ``[n, d_vocab]``
-    (float32, CPU), read off the prefill: the logit refusal score at no extra forward.
+    (float32, CPU), read off the prefill: the logit refusal score at no extra forward. ``token_logprobs`` (an
+    empty list) is filled with one list per prompt: each response token's log-probability under the generating
+    model, read off the decoding logits (the completion's NLL at no extra forward).
     """
     eos = _eos_ids(lm)
+    lps: list[list[float]] = [[] for _ in prompts]
     enc_all = lm.encode_chat(list(prompts), system=system)
     order = sorted(range(len(prompts)), key=lambda i: (len(enc_all[i]), i))
     out: list[list[int]] = [[] for _ in prompts]
@@ -232,13 +244,18 @@ def generate_ids(
     for i in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress, leave=False):
         rows = order[i : i + batch_size]
         enc = pad_left([enc_all[r] for r in rows], lm.tokenizer.pad_token_id, lm.input_device)
-        ids, first = _greedy_batch(lm, enc, max_new_tokens, eos, keep_eos)
-        for r, row_ids in zip(rows, ids, strict=True):
+        row_lps: list[list[float]] | None = [[] for _ in rows] if token_logprobs is not None else None
+        ids, first = _greedy_batch(lm, enc, max_new_tokens, eos, keep_eos, row_lps)
+        for j, (r, row_ids) in enumerate(zip(rows, ids, strict=True)):
             out[r] = row_ids
+            if row_lps is not None:
+                lps[r] = row_lps[j]
         if return_logits:
             if logits is None:
                 logits = torch.empty(len(prompts), first.shape[-1])
             logits[torch.tensor(rows)] = first
+    if token_logprobs is not None:
+        token_logprobs[:] = lps
     if return_logits:
         return out, logits if logits is not None else torch.empty(0, 0)
     return out
@@ -257,13 +274,21 @@ def generate(
     return lm.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 
-def generate_completions(lm: Any, prompts: Sequence[str], max_new_tokens: int = 64, **kw: Any) -> list[dict[str, Any]]:
+def generate_completions(lm: Any, prompts: Sequence[str], max_new_tokens: int = 64, self_nll: bool = False,
+                         **kw: Any) -> list[dict[str, Any]]:
     """Greedy completions with what grading needs: ``text`` (full, special tokens dropped), the response token
     ``ids`` and ``cut_off`` (``True`` when the row hit ``max_new_tokens`` without an end-of-sequence token).
-    ``kw``: :func:`generate_ids`' ``batch_size``, ``system``, ``progress``."""
-    ids = generate_ids(lm, prompts, max_new_tokens, **kw)
+    ``self_nll``: also each token's ``logprobs`` under the generating model — the coherence NLL for free, valid
+    only when that model is the unmodified one. ``kw``: :func:`generate_ids`' ``batch_size``, ``system``,
+    ``progress``."""
+    lps: list[list[float]] | None = [] if self_nll else None
+    ids = generate_ids(lm, prompts, max_new_tokens, token_logprobs=lps, **kw)
     texts = lm.tokenizer.batch_decode(ids, skip_special_tokens=True)
-    return [{"text": t, "ids": list(r), "cut_off": len(r) >= max_new_tokens} for t, r in zip(texts, ids, strict=True)]
+    rows = [{"text": t, "ids": list(r), "cut_off": len(r) >= max_new_tokens} for t, r in zip(texts, ids, strict=True)]
+    if lps is not None:
+        for row, lp in zip(rows, lps, strict=True):
+            row["logprobs"] = [round(x, 5) for x in lp]
+    return rows
 
 
 @dataclass(frozen=True)
@@ -345,13 +370,14 @@ def measure(
 
     Per prompt: ``score`` (logit refusal log-odds), ``refused`` (substring detector on a greedy completion of
     ``max_new_tokens``), one boolean per extra judge under its name, the full completion ``text``, its token
-    ``ids`` and ``cut_off`` (for grading: :mod:`mech.grading`), and ``response``, the text clipped to
+    ``ids``, their ``logprobs`` under the model and ``cut_off`` (for grading: :mod:`mech.grading`), and ``response``, the text clipped to
     :data:`REPORT_CHARS` characters (what reports may show; never write ``text`` into a report).
     """
     check_refusal_ids(refusal_ids, vocab_size(lm))  # before any forward
     detector = SubstringDetector()
+    lps: list[list[float]] = []
     ids, logits = generate_ids(lm, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                               progress=progress, return_logits=True)
+                               progress=progress, return_logits=True, token_logprobs=lps)
     scores = refusal_log_odds(logits, refusal_ids)  # the generation's prefill: no second forward
     responses = lm.tokenizer.batch_decode(ids, skip_special_tokens=True)
     refused = detector(prompts, responses)
@@ -365,6 +391,7 @@ def measure(
             "response": clip(resp),
             "text": resp,
             "ids": list(ids[i]),
+            "logprobs": [round(x, 5) for x in lps[i]],
             "cut_off": len(ids[i]) >= max_new_tokens,
         }
         for i, (p, s, r, resp) in enumerate(zip(prompts, scores.tolist(), refused, responses, strict=True))

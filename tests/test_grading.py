@@ -201,3 +201,27 @@ def test_bad_judge_is_a_usage_error_before_collection(pytester: pytest.Pytester,
     assert res.ret == pytest.ExitCode.USAGE_ERROR
     err = res.stderr.str()
     assert f"--judge: {msg}" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("model", ["tiny_qwen2", "tiny_llama"])
+def test_nll_read_off_the_generation_equals_a_teacher_forced_forward(model, request):
+    """The unmodified model's own greedy completions: the NLL from the decoding logits (no extra forward) equals
+    the teacher-forced completion cross-entropy of the same ids (float32, 1e-4 nats), and grading with it gives
+    the same grades."""
+    from mech.ablation import completion_cross_entropy
+    from mech.coherence import self_nll
+
+    lm = request.getfixturevalue(model)
+    rows = generate_completions(lm, PROMPTS, max_new_tokens=12, self_nll=True)
+    assert all(len(r["logprobs"]) == len(r["ids"]) for r in rows)
+    forced = completion_cross_entropy(lm, PROMPTS, [r["ids"] for r in rows], batch_size=2).tolist()
+    free = [self_nll(r["logprobs"]) for r in rows]
+    for a, b, r in zip(free, forced, rows, strict=True):
+        if r["ids"]:
+            assert a == pytest.approx(b, abs=1e-4)
+    check = CoherenceCheck(nll_threshold=float(torch.tensor(free).nanmedian()), repetition_threshold=0.5)
+    texts = [r["text"] for r in rows]
+    g_free = Grader(check).grade(lm, PROMPTS, texts, nll=free)
+    assert [g.nll for g in g_free] == pytest.approx(free, nan_ok=True)
+    with pytest.raises(ValueError, match="NLLs for"):
+        Grader(check).grade(lm, PROMPTS, texts, nll=free[:-1])
