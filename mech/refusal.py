@@ -261,16 +261,10 @@ def generate_ids(
     return out
 
 
-def generate(
-    lm: Any,
-    prompts: Sequence[str],
-    max_new_tokens: int = 64,
-    batch_size: int = 64,
-    system: str | None = None,
-    progress: bool = False,
-) -> list[str]:
-    """Greedy completions (:func:`generate_ids`): the text of the response only, special tokens dropped."""
-    ids = generate_ids(lm, prompts, max_new_tokens, batch_size, system, progress)
+def generate(lm: Any, prompts: Sequence[str], max_new_tokens: int = 64, batch_size: int = 64, **kw: Any) -> list[str]:
+    """Greedy completions (:func:`generate_ids`): the text of the response only, special tokens dropped.
+    ``kw``: :func:`generate_ids`' ``system`` and ``progress``."""
+    ids = generate_ids(lm, prompts, max_new_tokens, batch_size, **kw)
     return lm.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 
