@@ -59,6 +59,11 @@ def test_cache_key_holds_exactly_the_fields_a_fixture_reads():
     assert key(a) != key(dataclasses.replace(a, n_random_primary=101))  # read: recomputed
     assert key(a) != key(dataclasses.replace(a, split_seed=1))  # the splits shape every fixture
     assert key(a) == key(dataclasses.replace(a, kl_max=0.2))  # a threshold no fixture reads: reused
+    # keyed by the splits: an --eval-prompts test split keys differently from the prompt set's own
+    other = SimpleNamespace(content_hash=lambda: "e")
+    split_key = lambda test: common.cache_key(lm, {"train": ps, "val": ps, "test": test}, toks, a,  # noqa: E731
+                                              "h1_circuit", ("n_random_primary",))
+    assert split_key(ps) != split_key(other) and split_key(ps) == split_key(ps)
 
 
 def test_fixture_code_is_in_the_key(tmp_path, monkeypatch):
