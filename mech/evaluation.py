@@ -19,7 +19,7 @@ import json
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -58,8 +58,7 @@ def greedy_completion_ids(
     """Greedy response token ids of each prompt, cut after the first end-of-sequence token (kept)."""
     from mech.refusal import generate_ids
 
-    ids = generate_ids(lm, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, keep_eos=True)
-    return cast("list[list[int]]", ids)  # without return_logits: the ids only
+    return generate_ids(lm, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, keep_eos=True)
 
 
 @torch.inference_mode()

@@ -482,7 +482,7 @@ def gold_accuracy(measure: str, rows: Sequence[GoldRow], predicted: Sequence[Out
     bad = sorted({p for p in pred if p not in OUTCOMES})
     if bad:
         raise ValueError(f"unknown predicted label(s) {bad}; use {', '.join(OUTCOMES)} or bools")
-    confusion = {g: dict.fromkeys(OUTCOMES, 0) for g in OUTCOMES}
+    confusion: dict[str, dict[str, int]] = {g: dict.fromkeys(OUTCOMES, 0) for g in OUTCOMES}
     for r, p in zip(rows, pred, strict=True):
         confusion[r.label][p] += 1
     right = [r.label == p for r, p in zip(rows, pred, strict=True)]

@@ -14,7 +14,7 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, overload, runtime_checkable
 
 import numpy as np
 import torch
@@ -215,6 +215,16 @@ def _greedy_batch(
     return out, first
 
 
+@overload
+def generate_ids(lm: Any, prompts: Sequence[str], max_new_tokens: int = ..., batch_size: int = ...,
+                 system: str | None = ..., progress: bool = ..., keep_eos: bool = ...,
+                 return_logits: Literal[False] = ..., token_logprobs: list[list[float]] | None = ...,
+                 ) -> list[list[int]]: ...
+@overload
+def generate_ids(lm: Any, prompts: Sequence[str], max_new_tokens: int = ..., batch_size: int = ...,
+                 system: str | None = ..., progress: bool = ..., keep_eos: bool = ..., *,
+                 return_logits: Literal[True], token_logprobs: list[list[float]] | None = ...,
+                 ) -> tuple[list[list[int]], Tensor]: ...
 def generate_ids(
     lm: Any,
     prompts: Sequence[str],

@@ -768,7 +768,8 @@ def replicate(models: Sequence[str], prompts: Sequence[str] = (DEFAULT_PROMPTS,)
                                    f"{usage}")
         results.append(res)
     claims = gather(results, collected)
-    report = {
+    depths = depth(results, cache)
+    report: dict[str, Any] = {
         "created": _dt.datetime.now().isoformat(timespec="seconds"), "command": list(command),
         "config": {"suite": str(ROOT), "models": list(models), "prompts": list(prompts), "set": list(set_items), "device": device,
                    "dtype": dtype, "quantize": quantize, "cache_dir": str(cache)},
@@ -778,11 +779,11 @@ def replicate(models: Sequence[str], prompts: Sequence[str] = (DEFAULT_PROMPTS,)
                   "peak_rss_gb": r.peak_rss_gb, "message": r.message, "summary": r.findings.get("summary"),
                   "model_info": r.findings.get("model"), "suite_config": r.findings.get("config")} for r in results],
         "claims": claims,
-        "depth": depth(results, cache),
+        "depth": depths,
         "wall_s": time.monotonic() - t0,
     }
     figures = {row["id"]: forest_figure(row, specs) for row in claims}
-    figures["__depth__"] = depth_figure(report["depth"])
+    figures["__depth__"] = depth_figure(depths)
     atomic_write_text(out / "replication.json", json.dumps(report, indent=1, sort_keys=True, default=str))
     atomic_write_text(out / "replication.html", render_html(report, figures))
     return report
