@@ -166,9 +166,10 @@ def test_suite_option_workers_fans_out(pytester: pytest.Pytester, saved: Path, t
     controls run on a 2-worker Ray pool and give the serial run's verdicts and numbers (within 1e-4)."""
     import json
 
-    from tests.test_report import ROOT, TINY_SET, _small_prompt_file
+    from tests.helpers import small_prompt_file
+    from tests.test_report import ROOT, TINY_SET
 
-    prompts = _small_prompt_file(tmp_path / "prompts.csv")
+    prompts = small_prompt_file(tmp_path / "prompts.csv")
     runs = {}
     for name, extra in (("serial", []), ("ray", ["--workers", "2"])):
         monkeypatch.setenv("MECH_REPORTS_DIR", str(tmp_path / f"reports-{name}"))

@@ -5,7 +5,6 @@ drawn. Then the one-line refusals of bad input and of a model that does not fit,
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -19,7 +18,7 @@ from typing import Any
 import pytest
 
 from fixtures.tiny_models import build_tiny_model
-from mech.prompts import default_pairs
+from tests.helpers import small_prompt_file
 
 ROOT = Path(__file__).resolve().parents[1]
 VERDICTS = {"supported", "NOT supported", "error", "not tested"}
@@ -29,20 +28,6 @@ TINY_SET = ["min_refusals=0", "gate_separation=false", "n_random_primary=5", "n_
             "n_label_shuffles=10", "n_random_directions=3", "n_bootstrap=200", "n_random_curve=2",
             "n_random_per_category=1", "max_new_tokens=4", "n_rank_pairs=6", "n_mean_prompts=6", "n_token_probes=6",
             "n_dim_train=6", "n_select_val=3", "length_probe_tokens=8"]
-
-
-def _prompt_file(path: Path, harmless: bool, per_category: int = 8) -> Path:
-    ps = default_pairs()
-    rows = []
-    for cat in ("cybercrime", "fraud"):
-        for h, s in ps.by_category(cat).pairs()[:per_category]:
-            rows += [h, s] if harmless else [h]
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["id", "prompt", "label", "category", "pair_id"])
-        for p in rows:
-            w.writerow([p.id, p.prompt, p.label, p.category, p.pair_id])
-    return path
 
 
 def _snapshot(work: Path) -> Path:
@@ -84,8 +69,8 @@ def replication(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         tiny = build_tiny_model(arch, seed=0)
         tiny.model.save_pretrained(work / f"tiny-{arch}")
         tiny.tokenizer.save_pretrained(work / f"tiny-{arch}")
-    _prompt_file(work / "pairs.csv", harmless=True)
-    _prompt_file(work / "harmful_only.csv", harmless=False)
+    small_prompt_file(work / "pairs.csv", harmless=True)
+    small_prompt_file(work / "harmful_only.csv", harmless=False)
     repo = _snapshot(work)
     runs = work / "reports" / "replication"
     first, second = runs / "tiny-qwen2__pairs", runs / "tiny-qwen2__harmful_only"
@@ -171,39 +156,20 @@ def test_replication_json_has_every_claim_of_every_run(replication):
     assert rep["memory"] and all(m["fits"] for m in rep["memory"])
 
 
-def _chromium() -> str | None:
-    return next((p for n in ("chromium", "chromium-browser") if (p := shutil.which(n))), None)
-
-
 @pytest.mark.slow
-def test_replication_html_draws_every_cell_and_forest_plot(replication):
+def test_replication_html_draws_every_cell_and_forest_plot(replication, browser_page):
     rep = json.loads((replication["reports"] / "replication.json").read_text())
     page_file = replication["reports"] / "replication.html"
     assert "<script src=" not in page_file.read_text()[:2000]  # plotly.js inlined, no CDN
-    browser = _chromium()
-    assert browser, "Chromium is missing: `make setup` installs Debian's chromium package"
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=browser, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"])
-        try:
-            page = b.new_page()
-            requests: list[str] = []
-            page.on("request", lambda r: requests.append(r.url))
-            page.goto(page_file.as_uri())
-            page.wait_for_function("[...document.querySelectorAll('div.mech-forest, div.mech-depth')]"
-                                   ".every(d => d.querySelector('svg.main-svg'))", timeout=30_000)
-            cells = page.locator("#replication-table td.cell")
-            verdicts = [cells.nth(i).get_attribute("data-verdict") for i in range(cells.count())]
-            texts = [cells.nth(i).inner_text().split("\n")[0] for i in range(cells.count())]
-            forests = page.locator("div.mech-forest").count()
-            drawn = page.locator("div.mech-forest svg.main-svg").count()
-            points = page.locator("div.mech-forest g.scatterlayer g.trace").count()
-            depth_drawn = page.locator("div.mech-depth svg.main-svg").count()
-        finally:
-            b.close()
+    ready = "[...document.querySelectorAll('div.mech-forest, div.mech-depth')].every(d => d.querySelector('svg.main-svg'))"
+    with browser_page(page_file.as_uri(), ready) as (page, requests):
+        cells = page.locator("#replication-table td.cell")
+        verdicts = [cells.nth(i).get_attribute("data-verdict") for i in range(cells.count())]
+        texts = [cells.nth(i).inner_text().split("\n")[0] for i in range(cells.count())]
+        forests = page.locator("div.mech-forest").count()
+        drawn = page.locator("div.mech-forest svg.main-svg").count()
+        points = page.locator("div.mech-forest g.scatterlayer g.trace").count()
+        depth_drawn = page.locator("div.mech-depth svg.main-svg").count()
     n_cells = len(rep["claims"]) * len(rep["runs"])
     assert len(verdicts) == n_cells and texts == verdicts and set(verdicts) <= VERDICTS
     assert forests == len(rep["claims"]) == 5 and drawn >= forests

@@ -10,7 +10,6 @@ import csv
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import pytest
 
 from fixtures.tiny_models import build_tiny_model
 from mech.prompts import default_pairs
+from tests.helpers import small_prompt_file
 
 ROOT = Path(__file__).resolve().parents[1]
 VERDICTS = {"supported", "NOT supported", "error", "not tested"}
@@ -38,20 +38,6 @@ def _claim_functions() -> set[str]:
     return names
 
 
-def _small_prompt_file(path: Path) -> Path:
-    ps = default_pairs()
-    rows = []
-    for cat in ("cybercrime", "fraud"):
-        for h, s in ps.by_category(cat).pairs()[:8]:
-            rows += [h, s]
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["id", "prompt", "label", "category", "pair_id"])
-        for p in rows:
-            w.writerow([p.id, p.prompt, p.label, p.category, p.pair_id])
-    return path
-
-
 def run_suite(pytester: pytest.Pytester, model_dir: Path, work: Path, *extra: str) -> tuple[Any, Path]:
     """Run ``pytest hypotheses/`` on ``model_dir`` in a subprocess; returns (result, reports dir)."""
     reports = work / "reports"
@@ -60,7 +46,7 @@ def run_suite(pytester: pytest.Pytester, model_dir: Path, work: Path, *extra: st
     try:
         result = pytester.runpytest_subprocess(
             str(ROOT / "hypotheses"), "--rootdir", str(ROOT), "-c", str(ROOT / "pyproject.toml"),
-            "--model", str(model_dir), "--prompts", str(_small_prompt_file(work / "prompts.csv")),
+            "--model", str(model_dir), "--prompts", str(small_prompt_file(work / "prompts.csv")),
             "--cache-dir", str(work / "cache"), "--max-new-tokens", "4", "-p", "no:cacheprovider", "-q",
             "--tb=line", *extra, timeout=900)
     finally:
@@ -178,39 +164,17 @@ def test_suite_under_xdist_gives_the_same_findings(pytester: pytest.Pytester, ti
             assert json.dumps(parallel[nodeid][key], sort_keys=True) == json.dumps(c[key], sort_keys=True), (nodeid, key)
 
 
-def _chromium() -> str | None:
-    for name in ("chromium", "chromium-browser"):
-        if path := shutil.which(name):
-            return path
-    return None
-
-
 @pytest.mark.slow
-def test_report_renders_in_a_real_browser(tiny_run):
+def test_report_renders_in_a_real_browser(tiny_run, browser_page):
     if "html" not in tiny_run:
         pytest.skip("the suite run above did not produce a report")
-    browser = _chromium()
-    assert browser, "Chromium is missing: `make setup` installs Debian's chromium package"
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=browser, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"])
-        try:
-            page = b.new_page()
-            requests: list[str] = []
-            page.on("request", lambda r: requests.append(r.url))
-            page.goto(tiny_run["html"].as_uri())
-            page.wait_for_function("document.querySelectorAll('div.mech-fig').length > 0 && "
-                                   "[...document.querySelectorAll('div.mech-fig')].every(d => d.querySelector('svg.main-svg'))",
-                                   timeout=30_000)
-            rows = page.locator("tbody.results-table-row").count()
-            figs = page.locator("div.mech-fig").count()
-            drawn = page.locator("div.mech-fig svg.main-svg").count()
-            claims_text = page.inner_text("#results-table")
-        finally:
-            b.close()
+    ready = ("document.querySelectorAll('div.mech-fig').length > 0 && "
+             "[...document.querySelectorAll('div.mech-fig')].every(d => d.querySelector('svg.main-svg'))")
+    with browser_page(tiny_run["html"].as_uri(), ready) as (page, requests):
+        rows = page.locator("tbody.results-table-row").count()
+        figs = page.locator("div.mech-fig").count()
+        drawn = page.locator("div.mech-fig svg.main-svg").count()
+        claims_text = page.inner_text("#results-table")
     assert rows == tiny_run["n_tests"], f"{rows} rows for {tiny_run['n_tests']} tests"
     assert figs >= 8 and drawn >= figs, f"{figs} figures, {drawn} drawn"
     for name in _claim_functions():
