@@ -529,11 +529,14 @@ def _norm(layer: int | None, n: int | None) -> float | None:
 def depth(results: Sequence[RunResult], cache_dir: Path) -> list[dict[str, Any]]:
     """Per run: where the claims located refusal, as layer index / n_layers (0 = the first layer, (n-1)/n the
     last): the selected direction's layer (H4), the early probe layer (H2), the top-k heads (H1). Each is None
-    when that claim did not get that far (e.g. ``not tested``). n_layers comes from the model's config."""
+    when that claim did not get that far (e.g. ``not tested``). n_layers comes from the run's findings.json
+    (``model.n_layers``), or from the model's config for a run that recorded none."""
     out = []
     for r in results:
-        cfg, _ = model_config(r.spec.model, cache_dir)
-        n = int(_nested(cfg)["num_hidden_layers"]) if cfg else None
+        n = (r.findings.get("model") or {}).get("n_layers")  # the run's own record; else the model's config
+        if n is None:
+            cfg, _ = model_config(r.spec.model, cache_dir)
+            n = int(_nested(cfg)["num_hidden_layers"]) if cfg else None
         h4, h2, h1 = (_primary(r, h) for h in ("H4", "H2", "H1"))
         d_layer = (h4 or {}).get("numbers", {}).get("layer")
         p_layer = (h2 or {}).get("numbers", {}).get("layer")

@@ -74,6 +74,12 @@ def test_suite_runs_on_a_tiny_model(pytester: pytest.Pytester, tiny_run):
     assert set(findings) >= {"config", "model", "summary", "claims", "data_use", "run"}
     assert findings["run"]["complete"] and findings["config"]["n_random_primary"] == 5
     assert findings["model"]["sha256"] and findings["model"]["dtype"] == "float32"
+    tiny_cfg = json.loads((tiny_run["model_dir"] / "config.json").read_text())
+    assert (findings["model"]["n_layers"], findings["model"]["n_heads"]) == (
+        tiny_cfg["num_hidden_layers"], tiny_cfg["num_attention_heads"])
+    secs = findings["run"]["fixture_seconds"]  # each session fixture's own setup time
+    assert {"lm", "baseline", "circuit_ablation", "refusal_direction"} <= set(secs)
+    assert all(v >= 0 for v in secs.values()) and sum(secs.values()) <= findings["run"]["wall_s"] + 1
     got = {c["id"].split("::")[1].split("[")[0] for c in findings["claims"]}
     assert got == _claim_functions(), f"claims missing from findings.json: {_claim_functions() - got}"
     for c in findings["claims"]:
