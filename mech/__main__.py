@@ -56,7 +56,8 @@ def _replicate_parser(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated registry names, model dirs, .gguf files or HF ids")
     r.add_argument("--prompts", default=DEFAULT_PROMPTS,
                    help=f"comma-separated prompt files (JSON/CSV; harmful-only is fine); '{DEFAULT_PROMPTS}' = the "
-                        "project's matched pairs")
+                        "project's matched pairs; 'eval:FILE' = train and select on the pairs, judge the claims on "
+                        "FILE (the suite's --eval-prompts)")
     r.add_argument("--set", dest="set_items", action="append", default=[], metavar="NAME=VALUE",
                    help="override a suite configuration field in every run (repeatable)")
     r.add_argument("--out", default="reports", help="where replication.{json,html} and replication/<run>/ go")

@@ -9,6 +9,8 @@ hypothesis for each (model, prompt set) combination and draws the comparison.
    :mod:`mech.memory` estimate at the run's dtype/quantization against available RAM, or GPU memory on CUDA).
    A model that would swap is refused, not started. A collect-only pass of the suite then checks the
    ``--set`` items and the suite options exactly as the runs will see them.
+   A prompt set is ``pairs`` (the project's), a file (trained, selected and judged on), or ``eval:FILE``
+   (trained and selected on the pairs, judged on FILE: the suite's ``--eval-prompts``).
 2. For each (model, prompt set), run ``pytest hypotheses/ -m primary`` as a subprocess with its own reports dir
    ``<out>/replication/<model>__<prompts>/`` and the shared ``--cache-dir``: every sweep lands in the disk cache
    as it finishes, so a killed replication resumes where it stopped. A finished run leaves a stamp
@@ -48,6 +50,7 @@ log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PROMPTS = "pairs"  # the project's matched pairs (data/refusal_pairs.json)
+EVAL_PREFIX = "eval:"  # eval:FILE = train and select on the project's pairs, judge on FILE (the suite's --eval-prompts)
 VERDICTS = ("supported", "NOT supported", "error", "not tested")
 COLOR = {"supported": "#1a7f37", "NOT supported": "#cf222e", "error": "#8250df", "not tested": "#6e7781"}
 HYPOTHESIS_ORDER = ("baseline", "H1", "H2", "H3", "H4")
@@ -71,13 +74,19 @@ class RunSpec:
 
     id: str  # <model>__<prompts>, also the name of its reports dir
     model: str
-    prompts: str  # "pairs" or a file path
+    prompts: str  # "pairs", a file path, or eval:FILE
     model_label: str
     prompts_label: str
 
     @property
     def prompts_path(self) -> str | None:
-        return None if self.prompts == DEFAULT_PROMPTS else self.prompts
+        """The file the suite trains, selects and judges on (``--prompts``); None for the project's pairs."""
+        return None if self.prompts == DEFAULT_PROMPTS or self.eval_path else self.prompts
+
+    @property
+    def eval_path(self) -> str | None:
+        """The benchmark file the claims are judged on (``--eval-prompts``), for an ``eval:FILE`` prompt set."""
+        return self.prompts.removeprefix(EVAL_PREFIX) if self.prompts.startswith(EVAL_PREFIX) else None
 
 
 @dataclass
@@ -120,7 +129,8 @@ def plan_runs(models: Sequence[str], prompts: Sequence[str]) -> list[RunSpec]:
     runs, seen = [], set()
     for m in models:
         for p in prompts:
-            pl = "pairs" if p == DEFAULT_PROMPTS else Path(p).stem
+            pl = ("pairs" if p == DEFAULT_PROMPTS
+                  else f"eval-{Path(p.removeprefix(EVAL_PREFIX)).stem}" if p.startswith(EVAL_PREFIX) else Path(p).stem)
             rid = f"{_slug(_model_label(m))}__{_slug(pl)}"
             base, i = rid, 2
             while rid in seen:
@@ -144,16 +154,18 @@ def check_inputs(models: Sequence[str], prompts: Sequence[str], cache_dir: Path)
             check_model_source(m, cache_dir)
         except ModelError as e:
             raise ReplicationError(f"--models {m}: {e}") from None
-    for p in prompts:
-        if p == DEFAULT_PROMPTS:
+    for item in prompts:
+        if item == DEFAULT_PROMPTS:
             continue
+        p = item.removeprefix(EVAL_PREFIX)
         if not Path(p).is_file():
-            raise ReplicationError(f"--prompts {p}: no such file; pass a JSON or CSV prompt file (prompt,label,"
-                                   f"category[,pair_id]) or '{DEFAULT_PROMPTS}' for the project's pairs")
+            raise ReplicationError(f"--prompts {item}: no such file; pass a JSON or CSV prompt file (prompt,label,"
+                                   f"category[,pair_id]), {EVAL_PREFIX}FILE to judge on FILE what the project's "
+                                   f"pairs select, or '{DEFAULT_PROMPTS}' for the project's pairs")
         try:
             load_prompts(p)
         except PromptFileError as e:
-            raise ReplicationError(f"--prompts {p}: {e}") from None
+            raise ReplicationError(f"--prompts {item}: {e}") from None
 
 
 def suite_fields() -> dict[str, Any]:
@@ -347,7 +359,7 @@ def _model_fingerprint(model: str) -> str:
 def _prompts_fingerprint(prompts: str) -> str:
     if prompts == DEFAULT_PROMPTS:
         return DEFAULT_PROMPTS
-    return hashlib.sha256(Path(prompts).read_bytes()).hexdigest()
+    return hashlib.sha256(Path(prompts.removeprefix(EVAL_PREFIX)).read_bytes()).hexdigest()
 
 
 def _pytest_args(spec: RunSpec, opts: dict[str, Any], extra: Sequence[str] = ()) -> list[str]:
@@ -357,13 +369,16 @@ def _pytest_args(spec: RunSpec, opts: dict[str, Any], extra: Sequence[str] = ())
             "--dtype", opts["dtype"], "--quantize", opts["quantize"]]
     if spec.prompts_path:
         args += ["--prompts", str(Path(spec.prompts_path).resolve())]
+    if spec.eval_path:
+        args += ["--eval-prompts", str(Path(spec.eval_path).resolve())]
     for item in opts["set"]:
         args += ["--set", item]
     return args + list(extra)
 
 
 def _env(reports_dir: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("MECH_MODEL", "MECH_PROMPTS", "MECH_REPORTS_DIR")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MECH_MODEL", "MECH_PROMPTS", "MECH_EVAL_PROMPTS", "MECH_REPORTS_DIR")}
     env["MECH_REPORTS_DIR"] = str(reports_dir)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
@@ -399,7 +414,7 @@ def preflight(spec: RunSpec, opts: dict[str, Any], work: Path) -> list[str]:
 
 def _stamp_key(spec: RunSpec, opts: dict[str, Any], code: str) -> str:
     env = {k: v for k, v in sorted(os.environ.items()) if k.startswith("MECH_") and k not in (
-        "MECH_MODEL", "MECH_PROMPTS", "MECH_REPORTS_DIR")}
+        "MECH_MODEL", "MECH_PROMPTS", "MECH_EVAL_PROMPTS", "MECH_REPORTS_DIR")}
     blob = json.dumps({"model": spec.model, "model_fp": _model_fingerprint(spec.model), "prompts": spec.prompts,
                        "prompts_fp": _prompts_fingerprint(spec.prompts), "set": list(opts["set"]),
                        "device": opts["device"], "dtype": opts["dtype"], "quantize": opts["quantize"],

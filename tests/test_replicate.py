@@ -189,6 +189,7 @@ def _run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("args, msg", [
     (["--models", "no-such-model"], "--models no-such-model: unknown model 'no-such-model'"),
     (["--models", "smollm2-135m-instruct", "--prompts", "missing.csv"], "--prompts missing.csv: no such file"),
+    (["--models", "smollm2-135m-instruct", "--prompts", "eval:missing.csv"], "--prompts eval:missing.csv: no such file"),
     (["--models", "smollm2-135m-instruct", "--memory-budget-gb", "0.2"],
      "refusing to start a model that would swap; use --quantize 4bit"),
     (["--models", "smollm2-135m-instruct", "--set", "n_random_primary"], "expected NAME=VALUE"),
@@ -209,6 +210,26 @@ def test_a_prompt_file_that_does_not_validate_is_one_line(tmp_path: Path):
     res = _run_cli("--models", "smollm2-135m-instruct", "--prompts", str(bad), "--out", str(tmp_path / "r"))
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
     assert res.returncode == 2 and len(errors) == 1 and f"--prompts {bad}:" in errors[0], res.stderr
+
+
+def test_an_eval_prompt_set_trains_on_the_pairs_and_judges_on_the_file(tmp_path: Path):
+    """``--prompts eval:FILE``: the run keeps the project's pairs for training and selection (no ``--prompts``)
+    and passes FILE as the suite's ``--eval-prompts``, which the suite itself accepts (collect-only preflight)."""
+    from mech.replicate import _pytest_args, plan_runs, preflight
+
+    bench = small_prompt_file(tmp_path / "bench.csv", harmless=False)
+    tiny = build_tiny_model("qwen2", seed=0)
+    tiny.model.save_pretrained(tmp_path / "tiny")
+    tiny.tokenizer.save_pretrained(tmp_path / "tiny")
+    pairs, ev = plan_runs([str(tmp_path / "tiny")], ["pairs", f"eval:{bench}"])
+    assert (pairs.id, ev.id) == ("tiny__pairs", "tiny__eval-bench")
+    assert (ev.prompts_path, ev.eval_path) == (None, str(bench))
+    opts = {"cache_dir": tmp_path / "cache", "device": "cpu", "dtype": "auto", "quantize": "none", "set": []}
+    args = _pytest_args(ev, opts)
+    assert "--prompts" not in args and args[args.index("--eval-prompts") + 1] == str(bench.resolve())
+    assert "--eval-prompts" not in _pytest_args(pairs, opts)
+    claims = preflight(ev, opts, tmp_path / "work")
+    assert any("test_harmful_refusal_rate" in c for c in claims)
 
 
 def test_a_model_whose_extra_is_not_installed_names_the_extra(tmp_path: Path, monkeypatch):
