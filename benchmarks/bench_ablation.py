@@ -1,0 +1,194 @@
+"""Ablation-set benchmark: the H1 null (layer-matched random head sets, mean-ablated, scored on the held-out harmful
+prompts) one set at a time with hooks vs :func:`mech.set_scores.ablation_set_scores`.
+
+Run: ``.venv/bin/python -m pytest benchmarks/bench_ablation.py --benchmark-only -p no:cacheprovider -s``
+(``--device`` etc. as for the suite). Env: ``MECH_BENCH_SETS`` (random sets per k, default 100, the suite's
+``n_random_primary``) and ``MECH_BENCH_HOOK_SETS`` (how many of them the hook loop runs, default 10): the hook
+loop's time for all sets is **extrapolated** linearly from those (every set is the same full forward: 5 sets
+took 93.2, 93.3 and 92.8 s at the three k in the run below), and the scores are compared on them.
+
+Workload, on the default model (Qwen2.5-Coder-0.5B-Instruct): the 33 harmful prompts of the suite's test split,
+means over the first 24 harmless train prompts (end-aligned, ``n_end`` 5), refusal log-odds of ``I``/``As``
+(the standard workload's tokens), for k in {k/4, k/2, k} with k = 5% of the heads (17): the top heads are a
+fixed list (the suite's AtP ranking on train pairs, as cached by H1; its first 10 are the snapshot's), and
+``MECH_BENCH_SETS`` random layer-matched sets of each (:func:`mech.components.random_components`, seed 0).
+
+Per k, in ``benchmark.extra_info`` and ``reports/bench_ablation.json``: both wall times, their ratio, the max
+score difference (asserted ≤ 2e-4), the useful GFLOP of each path (2 x decoder-layer params per token-layer +
+2 x lm_head params per unembedded row; the hook loop's counted from its padded batches) and GFLOP/s against
+the fp32 matmul throughput measured in the same run, the load average.
+
+Measured (2 CPU cores shared with other work, load average 3.6-4.0; ``MECH_BENCH_SETS=20 MECH_BENCH_HOOK_SETS=5``,
+10.6 min in all): hook loop 18.6 s per set; sets at once 87 s / 125 s / 95 s for 20 sets at k = 4 / 8 / 17, i.e.
+x4.3 / x3.0 / x3.9, max |diff| 9e-6. Useful work: 546 GFLOP per set for the hook loop (24 layers, prompts
+left-padded to the longest) against 244-296 GFLOP per set here (from layer 12 / 10 / 9, little padding, the clean
+run shared), at 29 GFLOP/s (34% of the 86 GFLOP/s matmul) against 45-62 GFLOP/s (52-72%). The issue's x10 is not
+reached and cannot be on this workload without leaving float32-exactness: the FLOPs fall only by the layers below
+the first ablated one and the padding (x1.9-2.2 here, x2.0-2.5 at 100 sets), so even at the matmul peak the
+ratio would stay under ~x7.5.
+The default run (100 sets per k, the hook loop on 10) takes about 30 min on these cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from mech.ablation import MeanActivations, mean_activations
+from mech.components import random_components
+from mech.models import LoadedModel
+from mech.patching import Work
+from mech.prompts import default_pairs
+from mech.scoring import ablation_intervention, scores_under, shared_prefix_len
+from mech.set_scores import MIN_REST, ablation_set_scores
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKLOAD = json.loads((Path(__file__).with_name("workload.json")).read_text())
+IDS = WORKLOAD["metric"]["refusal_token_ids"]
+REPORT = ROOT / "reports" / "bench_ablation.json"
+# the suite's AtP ranking of heads (train pairs; fixtures/h1_circuit.top_heads), top 17 = 5% of 336 heads
+TOP = ["L14.H13", "L12.H2", "L14.H5", "L14.H7", "L14.H9", "L14.H2", "L10.H4", "L10.H12", "L14.H11", "L20.H2",
+       "L14.H12", "L12.H3", "L9.H2", "L12.H5", "L15.H3", "L18.H2", "L12.H7"]
+K = 17
+KS = (K // 4, K // 2, K)
+N_SETS = int(os.environ.get("MECH_BENCH_SETS", "100"))
+N_HOOK_SETS = min(N_SETS, int(os.environ.get("MECH_BENCH_HOOK_SETS", "10")))
+ATOL = 2e-4
+TARGET_SPEEDUP = 10.0  # the issue's target (recorded, not asserted: see the ratio and FLOP figures)
+N_MEAN_PROMPTS = 24
+
+pytestmark = [pytest.mark.slow, pytest.mark.realmodel]
+
+
+def _matmul_gflops(device: torch.device) -> float:
+    """Best-of-5 fp32 throughput of an MLP-shaped product [2048,896]x[896,4864] on ``device``."""
+    a, b = torch.randn(2048, 896, device=device), torch.randn(896, 4864, device=device)
+    best = float("inf")
+    for _ in range(6):
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 2048 * 896 * 4864 / best / 1e9
+
+
+def _hook_loop_work(lm: LoadedModel, prompts: list[str], n_sets: int) -> Work:
+    """What the hook loop computes per set, from its batches (64 prompts, left-padded to the longest)."""
+    seqs = lm.encode_chat(prompts)
+    P = shared_prefix_len(seqs, MIN_REST)
+    rest = sorted(len(s) - P for s in seqs)
+    tokens = P * (-(-len(rest) // 64)) + sum(len(rest[i : i + 64]) * max(rest[i : i + 64]) for i in range(0, len(rest), 64))
+    return Work(layer_tokens=n_sets * tokens * lm.shape.n_layers, unembed_rows=n_sets * len(prompts))
+
+
+@pytest.fixture(scope="module")
+def bench_lm(lm: LoadedModel) -> LoadedModel:
+    s = lm.shape
+    w = WORKLOAD["model"]
+    if (s.n_layers, s.d_model, s.n_heads, s.n_kv_heads) != (w["n_layers"], w["d_model"], w["n_heads"], w["n_kv_heads"]):
+        pytest.skip(f"the top-head list is the default model's, not {lm.name}'s")
+    return lm
+
+
+@pytest.fixture(scope="module")
+def setup(bench_lm: LoadedModel) -> Iterator[dict[str, Any]]:
+    from fixtures.config import SuiteConfig
+
+    lm = bench_lm
+    suite = SuiteConfig()
+    train, _, test = default_pairs().split(suite.split, seed=suite.split_seed)
+    st: dict[str, Any] = {
+        "model": lm.name,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": str(lm.device),
+        "n_sets": N_SETS,
+        "n_hook_sets": N_HOOK_SETS,
+        "matmul_gflops": _matmul_gflops(lm.device),
+        "cpu_count": os.cpu_count(),
+        "loadavg_start": os.getloadavg(),
+        "tasks": {},
+        "_prompts": test.harmful().texts(),
+        "_means": mean_activations(lm, train.harmless().texts()[:N_MEAN_PROMPTS], kinds=("head",)),
+    }
+    yield st
+    st["loadavg_end"] = os.getloadavg()
+    REPORT.parent.mkdir(parents=True, exist_ok=True)
+    REPORT.write_text(json.dumps({k: v for k, v in st.items() if not k.startswith("_")}, indent=1, default=float))
+    for name, t in st["tasks"].items():
+        sys.stdout.write(
+            f"\n{name}: {t['n_sets']} sets  hook loop {t['hook_seconds']:.1f}s"
+            f"{' (extrapolated)' if t['hook_extrapolated'] else ''}  sets at once {t['fast_seconds']:.1f}s  "
+            f"x{t['speedup']:.2f}  GFLOP {t['hook_gflop']:.0f} vs {t['fast_gflop']:.0f}  GFLOP/s "
+            f"{t['hook_gflops_per_s']:.1f} vs {t['fast_gflops_per_s']:.1f} (matmul {st['matmul_gflops']:.0f})  "
+            f"max|diff| {t['max_abs_diff']:.1e}"
+        )
+    sys.stdout.write("\n")
+
+
+@pytest.mark.parametrize("k", KS, ids=[f"k{k}" for k in KS])
+def test_random_head_sets(benchmark: Any, bench_lm: LoadedModel, setup: dict[str, Any], k: int) -> None:
+    lm = bench_lm
+    prompts: list[str] = setup["_prompts"]
+    means: MeanActivations = setup["_means"]
+    rng = np.random.default_rng(0)
+    sets = [random_components(lm, TOP[:k], rng, match_layers=True) for _ in range(N_SETS)]
+    scores_under(lm, prompts[:2], IDS)  # warm-up
+
+    t0 = time.perf_counter()
+    want = torch.stack([scores_under(lm, prompts, IDS, ablation_intervention(lm, s, "mean", means))
+                        for s in sets[:N_HOOK_SETS]])
+    hook_measured = time.perf_counter() - t0
+    hook_s = hook_measured * N_SETS / N_HOOK_SETS
+
+    work = Work()
+    holder: dict[str, Any] = {}
+
+    def fast() -> None:
+        t = time.perf_counter()
+        holder["scores"] = ablation_set_scores(lm, prompts, IDS, sets, "mean", means, work=work)
+        holder["seconds"] = time.perf_counter() - t
+
+    benchmark.pedantic(fast, rounds=1, iterations=1, warmup_rounds=0)
+    got, fast_s = holder["scores"], holder["seconds"]
+    diff = float((got[:N_HOOK_SETS] - want).abs().max())
+    hook_work = _hook_loop_work(lm, prompts, N_SETS)
+    peak = setup["matmul_gflops"]
+    info = {
+        "k": k,
+        "first_layer": min(int(c.split(".")[0][1:]) for c in TOP[:k]),
+        "n_sets": N_SETS,
+        "n_prompts": len(prompts),
+        "hook_sets_timed": N_HOOK_SETS,
+        "hook_seconds_measured": hook_measured,
+        "hook_seconds": hook_s,
+        "hook_extrapolated": N_HOOK_SETS < N_SETS,
+        "fast_seconds": fast_s,
+        "speedup": hook_s / fast_s,
+        "target_speedup": TARGET_SPEEDUP,
+        "meets_target": hook_s / fast_s >= TARGET_SPEEDUP,
+        "max_abs_diff": diff,
+        "fast_work": work.to_dict(),
+        "hook_gflop": hook_work.useful_flops(lm) / 1e9,
+        "fast_gflop": work.useful_flops(lm) / 1e9,
+        "hook_gflops_per_s": hook_work.useful_flops(lm) / 1e9 / hook_s,
+        "fast_gflops_per_s": work.useful_flops(lm) / 1e9 / fast_s,
+        "matmul_gflops_per_s": peak,
+        "hook_fraction_of_matmul": hook_work.useful_flops(lm) / 1e9 / hook_s / peak,
+        "fast_fraction_of_matmul": work.useful_flops(lm) / 1e9 / fast_s / peak,
+        "loadavg": os.getloadavg(),
+    }
+    benchmark.extra_info.update(info)
+    setup["tasks"][f"k{k}"] = info
+    assert diff <= ATOL
+    assert info["speedup"] > 1.0
