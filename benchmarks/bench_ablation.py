@@ -92,15 +92,6 @@ def _hook_loop_work(lm: LoadedModel, prompts: list[str], n_sets: int) -> Work:
 
 
 @pytest.fixture(scope="module")
-def bench_lm(lm: LoadedModel) -> LoadedModel:
-    s = lm.shape
-    w = WORKLOAD["model"]
-    if (s.n_layers, s.d_model, s.n_heads, s.n_kv_heads) != (w["n_layers"], w["d_model"], w["n_heads"], w["n_kv_heads"]):
-        pytest.skip(f"the top-head list is the default model's, not {lm.name}'s")
-    return lm
-
-
-@pytest.fixture(scope="module")
 def setup(bench_lm: LoadedModel) -> Iterator[dict[str, Any]]:
     from fixtures.config import SuiteConfig
 

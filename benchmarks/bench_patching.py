@@ -203,15 +203,6 @@ def _finish(benchmark: Any, lm: LoadedModel, state: dict[str, Any], name: str, i
 
 
 @pytest.fixture(scope="module")
-def bench_lm(lm: LoadedModel) -> LoadedModel:
-    w = WORKLOAD["model"]
-    s = lm.shape
-    if (s.n_layers, s.d_model, s.n_heads, s.n_kv_heads) != (w["n_layers"], w["d_model"], w["n_heads"], w["n_kv_heads"]):
-        pytest.skip(f"the workload is defined on the default model, not {lm.name}")
-    return lm
-
-
-@pytest.fixture(scope="module")
 def state(bench_lm: LoadedModel) -> Iterator[dict[str, Any]]:
     """Shared across the tasks; written to reports/bench_patching.json at the end."""
     lm = bench_lm

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One short GPU check: install what is missing, run the patching benchmark and the baseline claim on CUDA with
-# the default model and qwen2.5-coder-1.5b-instruct, print the timings.
+# One short GPU check: install what is missing, run the patching and ablation benchmarks, the whole suite's cold and
+# warm wall time (by fixture) and the baseline claim on CUDA with the default model and
+# qwen2.5-coder-1.5b-instruct, print the timings.
 #
 #   scripts/gpu_check.sh                 # on a CUDA machine with PyPI access
 #   WHEELS=.whl scripts/gpu_check.sh     # offline: install from a folder of wheels (pip download them first)
@@ -41,6 +42,20 @@ done
 echo "== patching benchmark (workload.json) on CUDA, default model"
 t "$PY" -m pytest benchmarks/bench_patching.py --benchmark-only -p no:cacheprovider -q --device cuda \
    --benchmark-json "$OUTDIR/bench_patching.json" || echo "  (benchmark failed: see above)"
+
+echo "== ablation benchmark on CUDA: 100 layer-matched random head sets per k, hook loop vs sets at once"
+t "$PY" -m pytest benchmarks/bench_ablation.py --benchmark-only -p no:cacheprovider -q -s --device cuda \
+   --benchmark-json "$OUTDIR/bench_ablation.json" || echo "  (benchmark failed: see above)"
+
+echo "== whole suite on CUDA, default model: cold and warm wall time, breakdown by fixture (extra_info)"
+t "$PY" -m pytest benchmarks/bench_suite.py --benchmark-only -p no:cacheprovider -q --device cuda \
+   --benchmark-json "$OUTDIR/bench_suite.json" || echo "  (benchmark failed: see above)"
+"$PY" - "$OUTDIR/bench_suite.json" <<'PYEOF' || true
+import json, sys
+b = json.load(open(sys.argv[1]))["benchmarks"][0]["extra_info"]
+print(f"suite on CUDA: cold {b['cold_s']} s, warm {b['warm_s']} s; cold by fixture:",
+      ", ".join(f"{k} {v:.0f}s" for k, v in list(b["cold_fixture_s"].items())[:8]))
+PYEOF
 
 for MODEL in qwen2.5-coder-0.5b-instruct qwen2.5-coder-1.5b-instruct; do
   for DT in float32 bfloat16; do
