@@ -27,6 +27,19 @@ reached and cannot be on this workload without leaving float32-exactness: the FL
 the first ablated one and the padding (x1.9-2.2 here, x2.0-2.5 at 100 sets), so even at the matmul peak the
 ratio would stay under ~x7.5.
 The default run (100 sets per k, the hook loop on 10) takes about 30 min on these cores.
+
+**Direction candidates** (``test_direction_candidates``): H4's selection workload, the hook path of
+:func:`mech.directions.select_direction` (per candidate: ``last_logits_under`` under directional ablation on the
+harmful + harmless validation prompts, bypass score and harmless first-token KL; under activation addition at
+the candidate's layer on the harmless ones, induce score; ``batch_size=16``; the clean logits once) against two
+calls of :func:`mech.set_scores.direction_set_scores` (all ablations with ``kl=True``; all additions). Candidates:
+:func:`mech.directions.diff_in_means` on the first 10 harmful / harmless train prompts, every post-instruction
+position of the layers below the pruned 20 % (19 x 5 = 95 on the default model; zero vectors, layer 0 at
+template tokens, are skipped as select_direction skips them), scored on the first 10 harmful and 10 harmless
+validation prompts, refusal ids as above. Env ``MECH_BENCH_CANDIDATES`` (default 95): how many, evenly spaced
+over the (layer, position) grid so the additions keep the layer mix; both paths run on all of them. Recorded:
+both wall times, the ratio, max differences (asserted: ≤ 2e-4 on log-odds, ≤ 1e-4 on KL), useful GFLOP and
+GFLOP/s of each path and their share of the matmul throughput.
 """
 
 from __future__ import annotations
@@ -45,11 +58,20 @@ import torch
 
 from mech.ablation import MeanActivations, mean_activations
 from mech.components import random_components
+from mech.directions import activation_addition, diff_in_means, directional_ablation
+from mech.evaluation import first_token_kl
 from mech.models import LoadedModel
 from mech.patching import Work
 from mech.prompts import default_pairs
-from mech.scoring import ablation_intervention, scores_under, shared_prefix_len
-from mech.set_scores import MIN_REST, ablation_set_scores
+from mech.refusal import refusal_log_odds
+from mech.scoring import (
+    ablation_intervention,
+    last_logits_under,
+    same_everywhere,
+    scores_under,
+    shared_prefix_len,
+)
+from mech.set_scores import MIN_REST, ablation_set_scores, direction_set_scores
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKLOAD = json.loads((Path(__file__).with_name("workload.json")).read_text())
@@ -65,6 +87,10 @@ N_HOOK_SETS = min(N_SETS, int(os.environ.get("MECH_BENCH_HOOK_SETS", "10")))
 ATOL = 2e-4
 TARGET_SPEEDUP = 10.0  # the issue's target (recorded, not asserted: see the ratio and FLOP figures)
 N_MEAN_PROMPTS = 24
+N_CANDIDATES = int(os.environ.get("MECH_BENCH_CANDIDATES", "95"))
+N_DIM_TRAIN = 10  # train prompts per side for the diff-in-means candidates
+N_VAL = 10  # validation prompts per side the candidates are scored on
+KL_ATOL = 1e-4
 
 pytestmark = [pytest.mark.slow, pytest.mark.realmodel]
 
@@ -82,12 +108,14 @@ def _matmul_gflops(device: torch.device) -> float:
     return 2 * 2048 * 896 * 4864 / best / 1e9
 
 
-def _hook_loop_work(lm: LoadedModel, prompts: list[str], n_sets: int) -> Work:
-    """What the hook loop computes per set, from its batches (64 prompts, left-padded to the longest)."""
+def _hook_loop_work(lm: LoadedModel, prompts: list[str], n_sets: int, batch_size: int = 64) -> Work:
+    """What the hook loop computes per set, from its batches (``batch_size`` prompts, left-padded to the longest,
+    each batch on its own prefix row)."""
     seqs = lm.encode_chat(prompts)
     P = shared_prefix_len(seqs, MIN_REST)
     rest = sorted(len(s) - P for s in seqs)
-    tokens = P * (-(-len(rest) // 64)) + sum(len(rest[i : i + 64]) * max(rest[i : i + 64]) for i in range(0, len(rest), 64))
+    bs = batch_size
+    tokens = P * (-(-len(rest) // bs)) + sum(len(rest[i : i + bs]) * max(rest[i : i + bs]) for i in range(0, len(rest), bs))
     return Work(layer_tokens=n_sets * tokens * lm.shape.n_layers, unembed_rows=n_sets * len(prompts))
 
 
@@ -97,7 +125,7 @@ def setup(bench_lm: LoadedModel) -> Iterator[dict[str, Any]]:
 
     lm = bench_lm
     suite = SuiteConfig()
-    train, _, test = default_pairs().split(suite.split, seed=suite.split_seed)
+    train, val, test = default_pairs().split(suite.split, seed=suite.split_seed)
     st: dict[str, Any] = {
         "model": lm.name,
         "torch": torch.__version__,
@@ -110,13 +138,18 @@ def setup(bench_lm: LoadedModel) -> Iterator[dict[str, Any]]:
         "loadavg_start": os.getloadavg(),
         "tasks": {},
         "_prompts": test.harmful().texts(),
-        "_means": mean_activations(lm, train.harmless().texts()[:N_MEAN_PROMPTS], kinds=("head",)),
+        "_train": train,
+        "_val": val,
+        "_prune_last_fraction": suite.prune_last_fraction,
     }
     yield st
     st["loadavg_end"] = os.getloadavg()
     REPORT.parent.mkdir(parents=True, exist_ok=True)
     REPORT.write_text(json.dumps({k: v for k, v in st.items() if not k.startswith("_")}, indent=1, default=float))
     for name, t in st["tasks"].items():
+        if "summary" in t:
+            sys.stdout.write(f"\n{name}: {t['summary']}")
+            continue
         sys.stdout.write(
             f"\n{name}: {t['n_sets']} sets  hook loop {t['hook_seconds']:.1f}s"
             f"{' (extrapolated)' if t['hook_extrapolated'] else ''}  sets at once {t['fast_seconds']:.1f}s  "
@@ -127,11 +160,17 @@ def setup(bench_lm: LoadedModel) -> Iterator[dict[str, Any]]:
     sys.stdout.write("\n")
 
 
+@pytest.fixture(scope="module")
+def head_means(bench_lm: LoadedModel, setup: dict[str, Any]) -> MeanActivations:
+    return mean_activations(bench_lm, setup["_train"].harmless().texts()[:N_MEAN_PROMPTS], kinds=("head",))
+
+
 @pytest.mark.parametrize("k", KS, ids=[f"k{k}" for k in KS])
-def test_random_head_sets(benchmark: Any, bench_lm: LoadedModel, setup: dict[str, Any], k: int) -> None:
+def test_random_head_sets(benchmark: Any, bench_lm: LoadedModel, setup: dict[str, Any], head_means: MeanActivations,
+                          k: int) -> None:
     lm = bench_lm
     prompts: list[str] = setup["_prompts"]
-    means: MeanActivations = setup["_means"]
+    means = head_means
     rng = np.random.default_rng(0)
     sets = [random_components(lm, TOP[:k], rng, match_layers=True) for _ in range(N_SETS)]
     scores_under(lm, prompts[:2], IDS)  # warm-up
@@ -183,3 +222,81 @@ def test_random_head_sets(benchmark: Any, bench_lm: LoadedModel, setup: dict[str
     setup["tasks"][f"k{k}"] = info
     assert diff <= ATOL
     assert info["speedup"] > 1.0
+
+
+def test_direction_candidates(benchmark: Any, bench_lm: LoadedModel, setup: dict[str, Any]) -> None:
+    """H4's candidate scoring: select_direction's per-candidate hook path vs two direction_set_scores calls."""
+    lm = bench_lm
+    train, val = setup["_train"], setup["_val"]
+    hv, lv = val.harmful().texts()[:N_VAL], val.harmless().texts()[:N_VAL]
+    nh = len(hv)
+    layers = list(range(int(lm.shape.n_layers * (1 - setup["_prune_last_fraction"]))))
+    dim = diff_in_means(lm, train.harmful().texts()[:N_DIM_TRAIN], train.harmless().texts()[:N_DIM_TRAIN],
+                        layers=layers)
+    grid = [(L, p) for L in dim.layers for p in dim.positions]
+    n = min(N_CANDIDATES, len(grid))
+    picked = [grid[i] for i in sorted({int(round(x)) for x in np.linspace(0, len(grid) - 1, n)})]
+    cands = [(L, p, dim.vector(L, p)) for L, p in picked if float(dim.vector(L, p).norm()) > 0]
+    last_logits_under(lm, hv[:2])  # warm-up
+
+    t0 = time.perf_counter()  # select_direction's loop (batch_size=16), per-prompt values kept for the comparison
+    base = last_logits_under(lm, hv + lv, None, 16)
+    h_bypass, h_kl, h_induce = [], [], []
+    for L, _, v in cands:
+        logits = last_logits_under(lm, hv + lv, same_everywhere(lambda v=v: directional_ablation(lm, v)), 16)
+        h_bypass.append(refusal_log_odds(logits[:nh], IDS))
+        h_kl.append(first_token_kl(base[nh:], logits[nh:]))
+        added = last_logits_under(lm, lv, same_everywhere(lambda v=v, L=L: activation_addition(lm, v, L)), 16)
+        h_induce.append(refusal_log_odds(added, IDS))
+    hook_s = time.perf_counter() - t0
+
+    work = Work()
+    holder: dict[str, Any] = {}
+
+    def fast() -> None:
+        t = time.perf_counter()
+        holder["abl"] = direction_set_scores(lm, hv + lv, IDS, [("ablate", v) for _, _, v in cands], kl=True,
+                                             work=work)
+        holder["add"] = direction_set_scores(lm, lv, IDS, [("add", v, L) for L, _, v in cands], work=work)
+        holder["seconds"] = time.perf_counter() - t
+
+    benchmark.pedantic(fast, rounds=1, iterations=1, warmup_rounds=0)
+    abl, add, fast_s = holder["abl"], holder["add"], holder["seconds"]
+    assert abl.kl is not None
+    diff = max(float((abl.scores[:, :nh] - torch.stack(h_bypass)).abs().max()),
+               float((add.scores - torch.stack(h_induce)).abs().max()))
+    kl_diff = float((abl.kl[:, nh:] - torch.stack(h_kl)).abs().max())
+    nc = len(cands)
+    hook_work = _hook_loop_work(lm, hv + lv, 1 + nc, 16)  # the clean logits once, each candidate's ablation
+    hook_work.add(_hook_loop_work(lm, lv, nc, 16))  # each candidate's addition
+    peak = setup["matmul_gflops"]
+    hook_gf, fast_gf = hook_work.useful_flops(lm) / 1e9, work.useful_flops(lm) / 1e9
+    info = {
+        "n_candidates": nc,
+        "candidate_layers": sorted({L for L, _, _ in cands}),
+        "n_harmful_val": nh,
+        "n_harmless_val": len(lv),
+        "n_dim_train": N_DIM_TRAIN,
+        "hook_seconds": hook_s,
+        "fast_seconds": fast_s,
+        "speedup": hook_s / fast_s,
+        "max_abs_diff": diff,
+        "max_abs_kl_diff": kl_diff,
+        "fast_work": work.to_dict(),
+        "hook_gflop": hook_gf,
+        "fast_gflop": fast_gf,
+        "hook_gflops_per_s": hook_gf / hook_s,
+        "fast_gflops_per_s": fast_gf / fast_s,
+        "matmul_gflops_per_s": peak,
+        "hook_fraction_of_matmul": hook_gf / hook_s / peak,
+        "fast_fraction_of_matmul": fast_gf / fast_s / peak,
+        "loadavg": os.getloadavg(),
+    }
+    info["summary"] = (
+        f"{nc} candidates  hook path {hook_s:.1f}s  batched {fast_s:.1f}s  x{hook_s / fast_s:.2f}  GFLOP "
+        f"{hook_gf:.0f} vs {fast_gf:.0f}  GFLOP/s {hook_gf / hook_s:.1f} vs {fast_gf / fast_s:.1f} (matmul "
+        f"{peak:.0f})  max|diff| {diff:.1e}  KL {kl_diff:.1e}"
+    )
+    benchmark.extra_info.update(info)
+    setup["tasks"]["direction_candidates"] = info
+    assert diff <= ATOL and kl_diff <= KL_ATOL

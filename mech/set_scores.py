@@ -1,32 +1,50 @@
-"""Refusal scores of many ablation sets at once: the clean run once, each set from its first ablated layer.
+"""Refusal scores of many interventions at once: the clean run once, each intervention from its first changed
+layer, interventions as rows of one batch.
 
-The random-component nulls score hundreds of ablation sets (layer-matched random head sets) on the same prompts.
-:func:`mech.scoring.scores_under` does that one set at a time: per set, the shared chat prefix runs as one row
-and the rest of every prompt runs from layer 0 under mean-ablation hooks. :func:`ablation_set_scores` gives the
-same numbers (float32 round-off: ≤ 2e-4 absolute on the log-odds, tested on tiny models and the default model)
-for many sets together:
+The random-component nulls score hundreds of ablation sets (layer-matched random head sets) on the same prompts,
+and Arditi et al.'s direction selection (:func:`mech.directions.select_direction`) scores ~100 candidate
+directions by directional ablation and activation addition, plus random directions of the same norm.
+:func:`mech.scoring.scores_under` does that one intervention at a time: per intervention, the shared chat prefix
+runs as one row and the rest of every prompt runs from layer 0 under hooks. This module gives the same numbers
+(float32 round-off: ≤ 2e-4 absolute on the log-odds, tested on tiny models and the default model) for many
+interventions together, of two kinds:
+
+* :func:`ablation_set_scores` — sets of components (heads, neurons, attn / mlp blocks), zero- or mean-ablated
+  as :func:`~mech.scoring.ablation_intervention` does; a set's first changed layer is its lowest component's;
+* :func:`direction_set_scores` — ``("ablate", direction)`` (:func:`~mech.directions.directional_ablation`:
+  the direction projected out of every layer's ``resid_pre``, ``attn_out`` and ``mlp_out``, so it starts at
+  layer 0, the embedding output) and ``("add", vector, layer)``
+  (:func:`~mech.directions.activation_addition`: the vector added to ``resid_pre`` of ``layer``, which is
+  where it starts); optionally with the first-token KL of each prompt against the clean run.
+
+How (one driver, :func:`_run_sets`, for both kinds):
 
 1. **The clean run happens once.** Prompts are chat-encoded and split at the same shared prefix as
-   :func:`~mech.scoring.shared_prefix_len` (``min_rest=8``). The residual stream entering every layer some set
-   starts at is kept, for the prefix row and for each prompt's rest (right-padded).
-2. **A set starts at its first ablated layer.** Nothing below it changes, so the set's rows join there from
+   :func:`~mech.scoring.shared_prefix_len` (``min_rest=8``). The residual stream entering every layer some
+   intervention starts at is kept, for the prefix row and for each prompt's rest (right-padded).
+2. **An intervention starts at its first changed layer.** Nothing below it changes, so its rows join there from
    the clean residual; every position from that layer on is recomputed (later attention reads them all).
-   Per set, its prefix row runs first (one row, the position-independent mean, as
-   :func:`~mech.scoring.ablation_intervention` does on the prefix) and its K/V is recorded; then its prompt rows
-   run on top of that set's own prefix K/V.
-3. **Sets are rows of one batch** (row = set x prompt) with per-row unit masks in the ablation hooks, rows
-   joining at their own first layer (:meth:`mech.patching.engine.Engine.run`'s staircase), chunked by
-   ``max_rows``. Prompts of similar rest length share a chunk (little padding). End-aligned means go to each
-   rest row's last ``means.n_end`` real tokens, as :meth:`~mech.ablation.MeanActivations.replacement` does
-   for the rest forward of the hook loop (whose left padding puts the real last tokens last).
-4. **Scores from the last position only**: final norm and ``lm_head`` on one row per (set, prompt), then
-   :func:`mech.refusal.refusal_log_odds`.
+   Per intervention, its prefix row runs first (one row: the intervention changes the prefix too; mean-ablation
+   uses the position-independent mean there, as :func:`~mech.scoring.ablation_intervention` does) and its K/V
+   is recorded; then its prompt rows run on top of that intervention's own prefix K/V.
+3. **Interventions are rows of one batch** (row = intervention x prompt) with per-row tensors in the hooks
+   (unit masks, replacement means, directions, steering vectors; a row another hook does not concern gets an
+   exact no-op: a false mask, a zero direction, a zero vector), rows joining at their own first layer
+   (:meth:`mech.patching.engine.Engine.run`'s staircase), chunked by ``max_rows``. Prompts of similar rest
+   length share a chunk (little padding). End-aligned means go to each rest row's last ``means.n_end`` real
+   tokens, as :meth:`~mech.ablation.MeanActivations.replacement` does for the rest forward of the hook loop
+   (whose left padding puts the real last tokens last).
+4. **Scores from the last position only**: final norm and ``lm_head`` on one row per (intervention, prompt),
+   then :func:`mech.refusal.refusal_log_odds` (and :func:`mech.evaluation.first_token_kl` against the clean
+   run's logits).
 
-What it saves over the hook loop: the layers below each set's first ablated layer (for prefix and rest), the
-hook loop's left padding to the longest prompt, and small per-set forwards. What it cannot save: from the first
-ablated layer on, every position of every prompt is recomputed per set (the ablation changes them all).
+What it saves over the hook loop: the layers below each intervention's first changed layer (for prefix and
+rest; none for directional ablation), the hook loop's left padding to the longest prompt, and small
+per-intervention forwards (many rows make larger, faster matrix products). What it cannot save: from the first
+changed layer on, every position of every prompt is recomputed per intervention (the intervention changes them
+all).
 
-Written here rather than taken from a library because none batches *ablation sets* as rows over cached
+Written here rather than taken from a library because none batches *interventions* as rows over cached
 clean activations: TransformerLens and nnsight run one intervention per forward (a batch holds prompts, not
 interventions), and transformers' KV cache cannot give each row its own prefix K/V from a mid-network start.
 The pieces are the patching engine's (:class:`~mech.patching.engine.Engine`: ``run``, its prefix cache,
@@ -39,9 +57,11 @@ end-aligns that prompt's real tokens. Chat templates make every prompt far longe
 
 from __future__ import annotations
 
+import operator
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +70,9 @@ from tqdm.auto import tqdm
 
 from mech.ablation import _unit_masks
 from mech.components import Component, as_component, check_component
-from mech.hooks import HookFn, HookPoint
+from mech.directions import _unit, _vector
+from mech.evaluation import first_token_kl
+from mech.hooks import HookFn, HookPoint, hook_name
 from mech.patching.engine import Engine, PrefixKV, Work
 from mech.refusal import check_refusal_ids, refusal_log_odds
 from mech.scoring import shared_prefix_len
@@ -59,9 +81,10 @@ if TYPE_CHECKING:
     from mech.ablation import AblationMethod, MeanActivations, MeanMode
     from mech.models import LoadedModel
 
-__all__ = ["MIN_REST", "ablation_set_scores"]
+__all__ = ["MIN_REST", "DirectionSetScores", "ablation_set_scores", "direction_set_scores"]
 
 MIN_REST = 8  # tokens each prompt keeps outside the shared prefix: mech.scoring.last_logits_under's default
+UNEMBED_ROWS = 128  # rows per lm_head product (logits [rows, d_vocab] in memory at once)
 
 
 def _check(
@@ -125,6 +148,128 @@ def _balanced(n: int, size: int) -> list[tuple[int, int]]:
     return [(a, min(a + step, n)) for a in range(0, n, step)]
 
 
+# -------------------------------------------------------------------------------------- the shared driver
+
+
+@dataclass
+class _Clean:
+    """The clean run: shared prefix length, rest lengths, prompts by ascending rest length, and the residual
+    stream entering each needed slot (prefix row ``[1, P, d]``; rests ``[n_prompts, W_max, d]``, right-padded)."""
+
+    P: int
+    lens: list[int]
+    order: list[int]
+    pre_resid: dict[int, Tensor]
+    kv: PrefixKV | None
+    rest_resid: dict[int, Tensor]
+
+
+# make_hooks(set_ids, row_sets, row_lens, W): hooks for rows of interventions ``set_ids[row_sets]`` (rows in join
+# order), ``row_lens [B]`` real rest tokens per row (None: the prefix rows), ``W`` window width.
+MakeHooks = Callable[[list[int], Tensor, "Tensor | None", int], list[tuple[str, HookFn]]]
+
+
+def _clean_run(eng: Engine, seqs: list[list[int]], slots: set[int], max_rows: int,
+               take: Callable[[Tensor, list[int]], None]) -> _Clean:
+    """Run every prompt once (the shared prefix as one row); ``take(final [k, d_model], prompt ids)`` per chunk."""
+    dev, dtype, n_layers = eng.device, eng.dtype, eng.n_layers
+    n_prompts = len(seqs)
+    P = shared_prefix_len(seqs, MIN_REST)
+    lens = [len(s) - P for s in seqs]
+    W_max = max(lens)
+    order = sorted(range(n_prompts), key=lambda i: lens[i])
+    pre_resid: dict[int, Tensor] = {}
+    kv_clean: PrefixKV | None = None
+    if P > 0:
+        rec: dict[int, tuple[Tensor, Tensor]] = {}
+
+        def keep_prefix(slot: int, h: Tensor) -> Tensor:
+            if slot in slots:
+                pre_resid[slot] = h
+            return h
+
+        ids = torch.tensor([seqs[0][:P]], device=dev)
+        eng.run([(0, eng.embed(ids))], torch.arange(P, device=dev)[None], resid_fn=keep_prefix, kv_record=rec)
+        kv_clean = PrefixKV([rec[L][0] for L in range(n_layers)], [rec[L][1] for L in range(n_layers)])
+    rest_resid = {s: torch.empty(n_prompts, W_max, eng.lm.shape.d_model, device=dev, dtype=dtype) for s in slots}
+    for a, b in _balanced(n_prompts, max_rows):
+        rows = order[a:b]
+        W = max(lens[i] for i in rows)
+        ids = torch.tensor([seqs[i][P:] + [seqs[i][-1]] * (W - lens[i]) for i in rows], device=dev)  # right-padded
+        rows_t = torch.tensor(rows, device=dev)
+
+        def keep_rest(slot: int, h: Tensor, rows_t: Tensor = rows_t) -> Tensor:
+            if slot in rest_resid:
+                rest_resid[slot][rows_t] = F.pad(h, (0, 0, 0, W_max - h.shape[1]))
+            return h
+
+        pos = P + torch.arange(W, device=dev)[None].expand(len(rows), W)
+        final = eng.run([(0, eng.embed(ids))], pos, shared=kv_clean, resid_fn=keep_rest,
+                        out_slot=torch.tensor([lens[i] - 1 for i in rows], device=dev))
+        assert final is not None
+        take(final, rows)
+    return _Clean(P, lens, order, pre_resid, kv_clean, rest_resid)
+
+
+def _run_sets(eng: Engine, cl: _Clean, first: list[int], make_hooks: MakeHooks,
+              take: Callable[[Tensor, Tensor, Tensor], None], max_rows: int, desc: str, progress: bool) -> None:
+    """Every intervention ``i`` with ``first[i] < n_layers`` on every prompt, from its first layer; ``take(final
+    [B, d_model], intervention ids [B], prompt ids [B])`` per chunk. Interventions go in groups of ``max_rows``
+    ordered by first layer (the staircase); per group the prefix rows first (their K/V recorded), then
+    (intervention x prompt) rows on top of them."""
+    dev, n_layers, P, lens = eng.device, eng.n_layers, cl.P, cl.lens
+    active = sorted((i for i in range(len(first)) if first[i] < n_layers), key=lambda i: first[i])
+    groups = [active[a:b] for a, b in _balanced(len(active), max_rows)] if active else []
+    n_chunks = 0
+    plan = []
+    for sg in groups:
+        pg = _groups(lens, cl.order, len(sg), max_rows)
+        plan.append((sg, pg))
+        n_chunks += sum(len(_balanced(len(sg) * len(g), max_rows)) for g in pg)
+    bar = tqdm(total=n_chunks, desc=desc, disable=not progress, leave=False)
+    for sg, pgs in plan:
+        n_sg = len(sg)
+        kv_sets: PrefixKV | None = None
+        if P > 0:  # each intervention's prefix row from its first layer, K/V recorded
+            assert cl.kv is not None
+            rec: dict[int, tuple[Tensor, Tensor]] = {}
+            joins = []
+            for slot in sorted({first[s] for s in sg}):
+                cnt = sum(first[s] == slot for s in sg)
+                joins.append((slot, cl.pre_resid[slot].expand(cnt, -1, -1).contiguous()))
+            local = torch.arange(n_sg, device=dev)
+            eng.run(joins, torch.arange(P, device=dev)[None].expand(n_sg, P), fwd_hooks=make_hooks(sg, local, None, P),
+                    kv_record=rec)
+            kv_sets = PrefixKV([rec[L][0] if L in rec else cl.kv.k[L][:0] for L in range(n_layers)],
+                               [rec[L][1] if L in rec else cl.kv.v[L][:0] for L in range(n_layers)])
+        for g in pgs:
+            W = max(lens[i] for i in g)
+            pairs = [(j, p) for j in range(n_sg) for p in g]  # intervention-major: first layers ascend (join order)
+            for a, b in _balanced(len(pairs), max_rows):
+                chunk = pairs[a:b]
+                B = len(chunk)
+                row_sets = torch.tensor([j for j, _ in chunk], device=dev)
+                row_prompts = torch.tensor([p for _, p in chunk], device=dev)
+                row_lens = torch.tensor([lens[p] for _, p in chunk], device=dev)
+                joins = []
+                for slot in sorted({first[sg[j]] for j, _ in chunk}):
+                    sel = torch.tensor([r for r, (j, _) in enumerate(chunk) if first[sg[j]] == slot], device=dev)
+                    joins.append((slot, cl.rest_resid[slot].index_select(0, row_prompts[sel])[:, :W]))
+                final = eng.run(
+                    joins, P + torch.arange(W, device=dev)[None].expand(B, W), rem=kv_sets,
+                    rowmap=row_sets if kv_sets is not None else None,
+                    rem_valid=torch.ones(B, P, dtype=torch.bool, device=dev) if kv_sets is not None else None,
+                    fwd_hooks=make_hooks(sg, row_sets, row_lens, W), out_slot=row_lens - 1,
+                )
+                assert final is not None
+                take(final, torch.tensor([sg[j] for j, _ in chunk]), torch.tensor([p for _, p in chunk]))
+                bar.update(1)
+    bar.close()
+
+
+# ---------------------------------------------------------------------------------------- ablation sets
+
+
 def _ablation_hook(mask: Tensor, rep: Tensor, idx: Tensor | None = None) -> HookFn:
     """Per-row ablation: ``mask [B, *feat]`` (rows in join order); the replacement is ``rep`` (broadcast: a
     scalar or ``[*feat]``) or, with ``idx [B, W]``, ``rep[idx]`` (``rep``: a table ``[n_rows, *feat]``)."""
@@ -169,49 +314,17 @@ def ablation_set_scores(
         return refusal_log_odds(logits, rids)
 
     seqs = lm.encode_chat(list(prompts))
-    n_prompts = len(seqs)
-    P = shared_prefix_len(seqs, MIN_REST)
-    lens = [len(s) - P for s in seqs]
-    W_max = max(lens)
-    order = sorted(range(n_prompts), key=lambda i: lens[i])
     first = [min((c.layer for c in s), default=n_layers) for s in comp_sets]
-    slots = sorted({f for f in first if f < n_layers})
     masks = [_unit_masks(lm, s) for s in comp_sets]  # per set: {hook name: bool [*feat]}
 
     # 1. the clean run: prefix row (its K/V and residuals) and every prompt's rest (residuals, clean scores)
-    pre_resid: dict[int, Tensor] = {}
-    kv_clean: PrefixKV | None = None
-    if P > 0:
-        rec: dict[int, tuple[Tensor, Tensor]] = {}
+    clean = torch.empty(len(seqs))
 
-        def keep_prefix(slot: int, h: Tensor) -> Tensor:
-            if slot in slots:
-                pre_resid[slot] = h
-            return h
-
-        ids = torch.tensor([seqs[0][:P]], device=dev)
-        eng.run([(0, eng.embed(ids))], torch.arange(P, device=dev)[None], resid_fn=keep_prefix, kv_record=rec)
-        kv_clean = PrefixKV([rec[L][0] for L in range(n_layers)], [rec[L][1] for L in range(n_layers)])
-    rest_resid = {s: torch.empty(n_prompts, W_max, lm.shape.d_model, device=dev, dtype=dtype) for s in slots}
-    clean = torch.empty(n_prompts)
-    for a, b in _balanced(n_prompts, max_rows):
-        rows = order[a:b]
-        W = max(lens[i] for i in rows)
-        ids = torch.tensor([seqs[i][P:] + [seqs[i][-1]] * (W - lens[i]) for i in rows], device=dev)  # right-padded
-        rows_t = torch.tensor(rows, device=dev)
-
-        def keep_rest(slot: int, h: Tensor, rows_t: Tensor = rows_t) -> Tensor:
-            if slot in rest_resid:
-                rest_resid[slot][rows_t] = F.pad(h, (0, 0, 0, W_max - h.shape[1]))
-            return h
-
-        pos = P + torch.arange(W, device=dev)[None].expand(len(rows), W)
-        final = eng.run([(0, eng.embed(ids))], pos, shared=kv_clean, resid_fn=keep_rest,
-                        out_slot=torch.tensor([lens[i] - 1 for i in rows], device=dev))
-        assert final is not None
+    def take_clean(final: Tensor, rows: list[int]) -> None:
         clean[rows] = eng.logits_metric(final, metric, False)[0].cpu()
 
-    out = clean.expand(len(comp_sets), n_prompts).clone()  # empty sets keep the clean scores
+    cl = _clean_run(eng, seqs, {f for f in first if f < n_layers}, max_rows, take_clean)
+    out = clean.expand(len(comp_sets), len(seqs)).clone()  # empty sets keep the clean scores
 
     # replacement tables: [1 + n_end, *feat] (row 0: the all-token mean; 1..n_end: the end-aligned means)
     tables: dict[str, Tensor] = {}
@@ -223,8 +336,15 @@ def ablation_set_scores(
             tables[name] = torch.cat(parts).to(device=dev, dtype=dtype)
         return tables[name]
 
-    def fwd_hooks(set_idx: list[int], row_sets: Tensor, idx: Tensor | None) -> list[tuple[str, HookFn]]:
-        """Hooks for rows whose sets are ``set_idx[row_sets]``; ``idx [B, W]``: each slot's table row (None: 0)."""
+    def fwd_hooks(set_idx: list[int], row_sets: Tensor, row_lens: Tensor | None, W: int) -> list[tuple[str, HookFn]]:
+        """Hooks for rows whose sets are ``set_idx[row_sets]``; the prefix rows (``row_lens`` None) and
+        ``mode="averaged"`` take the all-token mean (table row 0), rest rows their end-aligned table rows."""
+        idx = None
+        if row_lens is not None and method == "mean" and mode == "end_aligned":
+            assert means is not None
+            e = torch.arange(W, device=dev)[None] - (row_lens[:, None] - means.n_end)  # [B, W]
+            real = torch.arange(W, device=dev)[None] < row_lens[:, None]
+            idx = torch.where((e >= 0) & real, e + 1, 0)
         names = sorted({n for s in set_idx for n in masks[s]})
         hs: list[tuple[str, HookFn]] = []
         for name in names:
@@ -239,62 +359,196 @@ def ablation_set_scores(
                 hs.append((name, _ablation_hook(m, table(name), idx)))
         return hs
 
+    def take(final: Tensor, set_ids: Tensor, prompt_ids: Tensor) -> None:
+        out[set_ids, prompt_ids] = eng.logits_metric(final, metric, False)[0].cpu()
+
     # 2.-4. the sets, in groups of max_rows sets ordered by first layer (the staircase)
-    active = sorted((i for i in range(len(comp_sets)) if first[i] < n_layers), key=lambda i: first[i])
-    groups = [active[a:b] for a, b in _balanced(len(active), max_rows)] if active else []
-    n_chunks = 0
-    plan = []
-    for sg in groups:
-        pg = _groups(lens, order, len(sg), max_rows)
-        plan.append((sg, pg))
-        n_chunks += sum(len(_balanced(len(sg) * len(g), max_rows)) for g in pg)
-    bar = tqdm(total=n_chunks, desc="ablation sets", disable=not progress, leave=False)
-    for sg, pgs in plan:
-        n_sg = len(sg)
-        kv_sets: PrefixKV | None = None
-        if P > 0:  # each set's prefix row from its first layer, position-independent mean, K/V recorded
-            assert kv_clean is not None
-            rec = {}
-            joins = []
-            for slot in sorted({first[s] for s in sg}):
-                cnt = sum(first[s] == slot for s in sg)
-                joins.append((slot, pre_resid[slot].expand(cnt, -1, -1).contiguous()))
-            local = torch.arange(n_sg, device=dev)
-            eng.run(joins, torch.arange(P, device=dev)[None].expand(n_sg, P), fwd_hooks=fwd_hooks(sg, local, None),
-                    kv_record=rec)
-            kv_sets = PrefixKV([rec[L][0] if L in rec else kv_clean.k[L][:0] for L in range(n_layers)],
-                               [rec[L][1] if L in rec else kv_clean.v[L][:0] for L in range(n_layers)])
-        for g in pgs:
-            W = max(lens[i] for i in g)
-            pairs = [(j, p) for j in range(n_sg) for p in g]  # set-major: sets ascend in first layer
-            for a, b in _balanced(len(pairs), max_rows):
-                chunk = pairs[a:b]
-                B = len(chunk)
-                row_sets = torch.tensor([j for j, _ in chunk], device=dev)
-                row_prompts = torch.tensor([p for _, p in chunk], device=dev)
-                row_lens = torch.tensor([lens[p] for _, p in chunk], device=dev)
-                idx = None
-                if method == "mean" and mode == "end_aligned":
-                    assert means is not None
-                    e = torch.arange(W, device=dev)[None] - (row_lens[:, None] - means.n_end)  # [B, W]
-                    real = torch.arange(W, device=dev)[None] < row_lens[:, None]
-                    idx = torch.where((e >= 0) & real, e + 1, 0)
-                joins = []
-                for slot in sorted({first[sg[j]] for j, _ in chunk}):
-                    sel = torch.tensor([r for r, (j, _) in enumerate(chunk) if first[sg[j]] == slot], device=dev)
-                    joins.append((slot, rest_resid[slot].index_select(0, row_prompts[sel])[:, :W]))
-                final = eng.run(
-                    joins, P + torch.arange(W, device=dev)[None].expand(B, W), rem=kv_sets,
-                    rowmap=row_sets if kv_sets is not None else None,
-                    rem_valid=torch.ones(B, P, dtype=torch.bool, device=dev) if kv_sets is not None else None,
-                    fwd_hooks=fwd_hooks(sg, row_sets, idx), out_slot=row_lens - 1,
-                )
-                assert final is not None
-                vals = eng.logits_metric(final, metric, False)[0].cpu()
-                out[torch.tensor([sg[j] for j, _ in chunk]), torch.tensor([p for _, p in chunk])] = vals
-                bar.update(1)
-    bar.close()
+    _run_sets(eng, cl, first, fwd_hooks, take, max_rows, "ablation sets", progress)
     eng.work.seconds += time.perf_counter() - t0
     if work is not None:
         work.add(eng.work)
     return out
+
+
+# ------------------------------------------------------------------------------- direction interventions
+
+ABLATED_KINDS = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out")  # directional_ablation's hook points, per layer
+
+
+class _DirIv(NamedTuple):
+    kind: Literal["ablate", "add"]
+    vector: Tensor  # float64 CPU [d_model]: the unit direction (ablate) or the steering vector (add)
+    layer: int  # the first changed layer: 0 for ablate
+
+
+@dataclass
+class DirectionSetScores:
+    """What :func:`direction_set_scores` measured (float32 CPU tensors).
+
+    ``scores [n_interventions, n_prompts]``: refusal log-odds under each intervention; ``clean [n_prompts]``: with
+    none; ``kl [n_interventions, n_prompts]`` (with ``kl=True``, else None): first-token ``KL(clean || intervened)``
+    per prompt, as :func:`mech.evaluation.first_token_kl` (nats)."""
+
+    scores: Tensor
+    clean: Tensor
+    kl: Tensor | None = None
+
+
+def _check_directions(lm: LoadedModel, prompts: Sequence[str], refusal_ids: Sequence[int],
+                      interventions: Sequence[Any], max_rows: int) -> list[_DirIv]:
+    """Every input checked before any forward: one-line ValueErrors (DirectionError for a bad vector)."""
+    if not prompts or isinstance(prompts, str):
+        raise ValueError("direction_set_scores needs at least one prompt (a list of strings)")
+    if isinstance(interventions, (str, Tensor)) or not len(interventions):
+        raise ValueError("direction_set_scores needs a non-empty list of interventions such as "
+                         "('ablate', direction) or ('add', vector, layer)")
+    if isinstance(interventions[0], str):
+        raise ValueError("direction_set_scores got a single intervention; pass a list of them, e.g. "
+                         "[('ablate', direction)]")
+    if int(max_rows) < 1:
+        raise ValueError(f"max_rows must be at least 1, got {max_rows}")
+    check_refusal_ids(refusal_ids, lm.shape.d_vocab)
+    n_layers = lm.shape.n_layers
+    out: list[_DirIv] = []
+    for i, iv in enumerate(interventions):
+        if not isinstance(iv, (tuple, list)) or not iv or not isinstance(iv[0], str):
+            raise ValueError(f"intervention {i}: {type(iv).__name__} is not ('ablate', direction) or "
+                             "('add', vector, layer)")
+        kind = iv[0]
+        if kind == "ablate":
+            if len(iv) != 2:
+                raise ValueError(f"intervention {i}: ('ablate', direction) takes one direction, got {len(iv) - 1} "
+                                 "items")
+            try:
+                out.append(_DirIv("ablate", _unit(_vector(lm, iv[1], "direction")), 0))
+            except ValueError as e:
+                raise type(e)(f"intervention {i}: {e}") from None
+        elif kind == "add":
+            if len(iv) != 3:
+                raise ValueError(f"intervention {i}: ('add', vector, layer) takes a vector and a layer, got "
+                                 f"{len(iv) - 1} items")
+            try:
+                vec = _vector(lm, iv[1], "steering vector")
+            except ValueError as e:
+                raise type(e)(f"intervention {i}: {e}") from None
+            try:
+                layer = operator.index(iv[2]) if not isinstance(iv[2], bool) else None
+            except TypeError:
+                layer = None
+            if layer is None:
+                raise ValueError(f"intervention {i}: the layer must be an integer layer index, got {iv[2]!r}")
+            if not 0 <= layer < n_layers:
+                raise ValueError(f"intervention {i}: layer {layer} out of range: the model has {n_layers} layers "
+                                 f"(0..{n_layers - 1})")
+            out.append(_DirIv("add", vec, layer))
+        else:
+            raise ValueError(f"intervention {i}: unknown kind {kind!r}; use 'ablate' or 'add'")
+    return out
+
+
+def _projection_hook(r: Tensor) -> HookFn:
+    """Per-row directional ablation, ``x <- x - (x . r) r`` with ``r [B, d_model]`` (rows in join order; a zero
+    row leaves its row exactly unchanged)."""
+
+    def fn(x: Tensor, hook: HookPoint) -> Tensor:  # x: [n, W, d_model]
+        rr = r[: x.shape[0]]
+        return x - torch.bmm(x, rr[:, :, None]) * rr[:, None, :]
+
+    return fn
+
+
+def _addition_hook(v: Tensor) -> HookFn:
+    """Per-row activation addition, ``x <- x + v`` with ``v [B, d_model]`` (a zero row: no change)."""
+
+    def fn(x: Tensor, hook: HookPoint) -> Tensor:
+        return x + v[: x.shape[0], None, :]
+
+    return fn
+
+
+@torch.inference_mode()
+def direction_set_scores(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    refusal_ids: Sequence[int],
+    interventions: Sequence[tuple[str, Tensor] | tuple[str, Tensor, int]],
+    kl: bool = False,
+    max_rows: int = 128,
+    progress: bool = False,
+    work: Work | None = None,
+) -> DirectionSetScores:
+    """Refusal log-odds (and optionally first-token KL) of every prompt under each direction intervention.
+
+    ``interventions``: ``("ablate", direction)`` — :func:`~mech.directions.directional_ablation` (the direction
+    is normalized here; its norm does not matter) — or ``("add", vector, layer)`` —
+    :func:`~mech.directions.activation_addition` with ``coeff=1`` (pass ``coeff * vector`` for another coeff),
+    in any mix. Returns a :class:`DirectionSetScores`: ``.scores [n_interventions, n_prompts]`` equal (float32:
+    ≤ 2e-4 absolute) to ``scores_under(lm, prompts, refusal_ids, same_everywhere(lambda:
+    directional_ablation(lm, d)))`` (resp. ``activation_addition(lm, v, layer)``) per intervention; ``.clean``
+    the scores with none; with ``kl=True``, ``.kl`` equal (≤ 1e-4 absolute) to ``first_token_kl(clean_logits,
+    intervened_logits)`` per prompt, the logits as :func:`~mech.scoring.last_logits_under` gives them (which is
+    what :func:`~mech.directions.select_direction` computes; it keeps the clean logits, ``n_prompts x d_vocab``
+    float32, on the model's device).
+
+    Arditi's selection in these terms, per candidate ``v`` at layer ``L``: ``r = direction_set_scores(lm, hv +
+    lv, ids, [("ablate", v), ...], kl=True)`` gives ``bypass = r.scores[:, :len(hv)].mean(1)`` and ``kl =
+    r.kl[:, len(hv):].mean(1)``; ``direction_set_scores(lm, lv, ids, [("add", v, L), ...]).scores.mean(1)``
+    gives ``induce``. See the module doc for how it is faster. ``max_rows``: rows (intervention x prompt, or
+    prefix rows) per partial forward. ``work``: receives what was computed. Bad input raises a one-line
+    ValueError before any forward; hooks are removed even when a forward raises.
+    """
+    ivs = _check_directions(lm, prompts, refusal_ids, interventions, max_rows)
+    t0 = time.perf_counter()
+    eng = Engine(lm)
+    dev, dtype, n_layers = eng.device, eng.dtype, eng.n_layers
+    rids = torch.as_tensor(check_refusal_ids(refusal_ids, lm.shape.d_vocab), device=dev)
+    seqs = lm.encode_chat(list(prompts))
+    n_prompts = len(seqs)
+    first = [iv.layer for iv in ivs]
+    vecs = torch.stack([iv.vector for iv in ivs]).to(device=dev, dtype=dtype)  # as the hooks cast them
+    ablate = torch.tensor([iv.kind == "ablate" for iv in ivs], device=dev)
+    layer_of = torch.tensor([iv.layer for iv in ivs], device=dev)
+
+    clean = torch.empty(n_prompts)
+    clean_logits = torch.empty(n_prompts, lm.shape.d_vocab, device=dev) if kl else None
+    scores = torch.empty(len(ivs), n_prompts)
+    kls = torch.empty(len(ivs), n_prompts) if kl else None
+
+    def take_clean(final: Tensor, rows: list[int]) -> None:
+        for a in range(0, len(rows), UNEMBED_ROWS):
+            r = rows[a : a + UNEMBED_ROWS]
+            logits = eng.unembed(final[a : a + UNEMBED_ROWS]).float()
+            clean[r] = refusal_log_odds(logits, rids).cpu()
+            if clean_logits is not None:
+                clean_logits[torch.tensor(r, device=dev)] = logits
+
+    cl = _clean_run(eng, seqs, set(first), max_rows, take_clean)
+
+    def fwd_hooks(set_idx: list[int], row_sets: Tensor, row_lens: Tensor | None, W: int) -> list[tuple[str, HookFn]]:
+        """Hooks for rows whose interventions are ``set_idx[row_sets]``: one projection (per-row directions,
+        zero for the addition rows) at every ablated hook point, one addition (per-row vectors, zero for rows
+        adding elsewhere or ablating) at ``resid_pre`` of each layer some row adds at."""
+        idx = torch.tensor(set_idx, device=dev).index_select(0, row_sets)  # [B] intervention per row
+        hs: list[tuple[str, HookFn]] = []
+        if bool(ablate[idx].any()):
+            project = _projection_hook(torch.where(ablate[idx, None], vecs[idx], 0))
+            hs += [(hook_name(L, k), project) for L in range(n_layers) for k in ABLATED_KINDS]
+        for L in sorted({int(x) for x in layer_of[idx][~ablate[idx]].tolist()}):
+            adds = ~ablate[idx] & (layer_of[idx] == L)
+            hs.append((hook_name(L, "hook_resid_pre"), _addition_hook(torch.where(adds[:, None], vecs[idx], 0))))
+        return hs
+
+    def take(final: Tensor, set_ids: Tensor, prompt_ids: Tensor) -> None:
+        for a in range(0, final.shape[0], UNEMBED_ROWS):
+            s, p = set_ids[a : a + UNEMBED_ROWS], prompt_ids[a : a + UNEMBED_ROWS]
+            logits = eng.unembed(final[a : a + UNEMBED_ROWS]).float()
+            scores[s, p] = refusal_log_odds(logits, rids).cpu()
+            if kls is not None:
+                assert clean_logits is not None
+                kls[s, p] = first_token_kl(clean_logits[p.to(dev)], logits).cpu()
+
+    _run_sets(eng, cl, first, fwd_hooks, take, max_rows, "direction interventions", progress)
+    eng.work.seconds += time.perf_counter() - t0
+    if work is not None:
+        work.add(eng.work)
+    return DirectionSetScores(scores, clean, kls)

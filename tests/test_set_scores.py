@@ -1,7 +1,13 @@
-"""mech.set_scores: many ablation sets scored at once (the clean run once, each set from its first ablated layer,
-sets as rows of one batch) must give the hook loop's numbers — ``scores_under`` with ``ablation_intervention``
-per set — to float32 round-off: ATOL = 2e-4 absolute on the refusal log-odds (measured: ~5e-6 on the tiny
-models, see the real-model test for the default model)."""
+"""mech.set_scores: many interventions scored at once (the clean run once, each from its first changed layer,
+interventions as rows of one batch) must give the hook loop's numbers to float32 round-off: ATOL = 2e-4 absolute
+on the refusal log-odds (measured: ~5e-6 on the tiny models, see the real-model tests for the default model),
+KL_ATOL = 1e-4 on the first-token KL.
+
+* ablation sets (:func:`~mech.set_scores.ablation_set_scores`) against ``scores_under`` with
+  ``ablation_intervention`` per set;
+* direction interventions (:func:`~mech.set_scores.direction_set_scores`) against ``scores_under`` with
+  ``same_everywhere(directional_ablation / activation_addition)`` per intervention, and the first-token KL
+  against ``first_token_kl`` of ``last_logits_under`` (what ``select_direction`` computes)."""
 
 from __future__ import annotations
 
@@ -11,15 +17,25 @@ import torch
 
 from mech.ablation import mean_activations
 from mech.components import random_components
+from mech.directions import activation_addition, diff_in_means, directional_ablation, select_direction
+from mech.evaluation import first_token_kl
 from mech.patching import Work
 from mech.prompts import default_pairs
-from mech.scoring import ablation_intervention, scores_under, shared_prefix_len
-from mech.set_scores import MIN_REST, ablation_set_scores
+from mech.refusal import refusal_log_odds
+from mech.scoring import (
+    ablation_intervention,
+    last_logits_under,
+    same_everywhere,
+    scores_under,
+    shared_prefix_len,
+)
+from mech.set_scores import MIN_REST, ablation_set_scores, direction_set_scores
 
 HARMFUL = default_pairs().harmful().texts()[:9]
 HARMLESS = default_pairs().harmless().texts()[:6]
 IDS = [5, 6]
 ATOL = 2e-4  # float32 round-off of a different (but equivalent) order of operations
+KL_ATOL = 1e-4
 
 # head sets starting at layers 1, 0, 2, 0 (mixed first layers; two with a layer-0 component) and an empty set
 HEAD_SETS = [["L1.H0", "L2.H3"], ["L0.H1"], [], ["L2.H2", "L2.H0"], ["L1.H1", "L1.H2", "L0.H3"]]
@@ -171,3 +187,170 @@ def test_equals_the_hook_loop_on_the_default_model(lm):
     want = torch.stack([scores_under(lm, prompts, ids, ablation_intervention(lm, s, "mean", means)) for s in sets])
     got = ablation_set_scores(lm, prompts, ids, sets, "mean", means)
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+# ------------------------------------------------------------------------------------ direction interventions
+
+
+def _make(lm, iv):
+    if iv[0] == "ablate":
+        return lambda: directional_ablation(lm, iv[1])
+    return lambda: activation_addition(lm, iv[1], iv[2])
+
+
+def _direction_hook_path(lm, interventions, prompts=HARMFUL, ids=IDS):
+    """Per intervention: scores_under and first_token_kl(clean, intervened) of last_logits_under (as
+    select_direction computes them); and the clean scores."""
+    base = last_logits_under(lm, prompts)
+    scores, kls = [], []
+    for iv in interventions:
+        logits = last_logits_under(lm, prompts, same_everywhere(_make(lm, iv)))
+        scores.append(refusal_log_odds(logits, ids))  # = scores_under(lm, prompts, ids, same_everywhere(...))
+        kls.append(first_token_kl(base, logits))
+    return torch.stack(scores), torch.stack(kls), scores_under(lm, prompts, ids)
+
+
+def _directions(lm, n, scale, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(n, lm.shape.d_model, generator=g, dtype=torch.float64)
+    return scale * v / v.norm(dim=-1, keepdim=True)
+
+
+def _mixed(lm):
+    """Ablations and additions at every layer (0 and the last included), interleaved."""
+    d = _directions(lm, 6, 6.0)
+    last = lm.shape.n_layers - 1
+    return [("add", d[0], last), ("ablate", d[1]), ("add", d[2], 0), ("add", d[3], 1), ("ablate", d[4]),
+            ("add", d[5], 0), ("add", -d[0], 2)]
+
+
+@pytest.mark.parametrize("max_rows", [128, 5])
+def test_direction_interventions_equal_the_hook_path(tiny_model, max_rows):
+    """Directional ablation and activation addition (layers 0, 1 and the last), mixed in one call, prompts of
+    different lengths, scores and KL; with max_rows=5 the interventions and prompts span many chunks and groups."""
+    lm = tiny_model
+    ivs = _mixed(lm)
+    want, want_kl, want_clean = _direction_hook_path(lm, ivs)
+    got = direction_set_scores(lm, HARMFUL, IDS, ivs, kl=True, max_rows=max_rows)
+    assert got.scores.shape == got.kl.shape == (len(ivs), len(HARMFUL)) and got.scores.dtype == torch.float32
+    torch.testing.assert_close(got.scores, want, atol=ATOL, rtol=0)
+    torch.testing.assert_close(got.kl, want_kl, atol=KL_ATOL, rtol=0)
+    torch.testing.assert_close(got.clean, want_clean, atol=ATOL, rtol=0)
+    assert bool((want - want_clean).abs().amax(1).gt(1e-2).all())  # every intervention moves the scores
+    assert bool(want_kl.mean(1).gt(1e-3).all())
+
+
+def test_select_directions_measurements(tiny_qwen2):
+    """select_direction's three measurements of every (non-zero) diff-in-means candidate from two calls:
+    ablation on harmful + harmless prompts (bypass; KL on the harmless ones), addition on the harmless ones."""
+    lm = tiny_qwen2
+    hv, lv = HARMFUL[:5], HARMLESS[:5]
+    dim = diff_in_means(lm, HARMFUL[5:], HARMLESS[3:])
+    sel = select_direction(lm, dim, hv, lv, IDS)
+    cands = [c for c in sel.candidates if c.norm > 0]
+    assert len(cands) >= 10
+    vecs = [dim.vector(c.layer, c.pos) for c in cands]
+    abl = direction_set_scores(lm, hv + lv, IDS, [("ablate", v) for v in vecs], kl=True, max_rows=32)
+    add = direction_set_scores(lm, lv, IDS, [("add", v, c.layer) for v, c in zip(vecs, cands, strict=True)])
+    assert abl.kl is not None
+    got = torch.stack([abl.scores[:, :5].double().mean(1), add.scores.double().mean(1), abl.kl[:, 5:].double().mean(1)])
+    want = torch.tensor([[c.bypass for c in cands], [c.induce for c in cands], [c.kl for c in cands]],
+                        dtype=torch.float64)
+    torch.testing.assert_close(got[:2], want[:2], atol=ATOL, rtol=0)
+    torch.testing.assert_close(got[2], want[2], atol=KL_ATOL, rtol=0)
+    assert abs(float(abl.clean[:5].double().mean()) - sel.baseline_harmful) <= ATOL
+    assert abs(float(abl.clean[5:].double().mean()) - sel.baseline_harmless) <= ATOL
+
+
+def test_direction_work(tiny_llama):
+    """Additions start at their layer, ablations at 0: the work counted is the staircase's."""
+    lm = tiny_llama
+    ivs = _mixed(lm)
+    work = Work()
+    direction_set_scores(lm, HARMFUL, IDS, ivs, work=work)
+    n_layers = lm.shape.n_layers
+    seqs = lm.encode_chat(HARMFUL)
+    P = shared_prefix_len(seqs, MIN_REST)
+    rest = sum(len(s) - P for s in seqs)
+    start = [0 if iv[0] == "ablate" else iv[2] for iv in ivs]
+    # lower bound: every row's real tokens (prefix and rest) from its first layer, plus the clean run
+    least = sum((n_layers - L) * (P + rest) for L in start) + n_layers * (P + rest)
+    hook_path = len(ivs) * n_layers * (P + len(seqs) * (max(map(len, seqs)) - P))
+    assert least <= work.layer_tokens < hook_path
+    assert work.unembed_rows == len(HARMFUL) * (len(ivs) + 1) and work.seconds > 0
+
+
+def test_direction_hooks_removed_when_a_forward_raises(tiny_qwen2, hook_count, monkeypatch):
+    lm = tiny_qwen2
+    ivs = _mixed(lm)
+    before = hook_count(lm.model)
+    direction_set_scores(lm, HARMFUL, IDS, ivs, kl=True)
+    assert hook_count(lm.model) == before
+    calls = {"n": 0}
+    mlp = lm.model.model.layers[1].mlp
+    orig = mlp.forward
+
+    def boom(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 2:  # the clean run (prefix, one rest chunk) passes; the interventions' forward raises
+            raise RuntimeError("boom")
+        return orig(*args, **kwargs)
+
+    monkeypatch.setattr(mlp, "forward", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        direction_set_scores(lm, HARMFUL, IDS, ivs)
+    assert calls["n"] == 3 and hook_count(lm.model) == before
+
+
+_D = torch.ones(64, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("ivs, kw, match", [
+    ([], {}, "non-empty list of interventions"),
+    (("ablate", _D), {}, "single intervention"),
+    ([("ablate", _D), ("rotate", _D)], {}, "intervention 1: unknown kind 'rotate'"),
+    ([("ablate", torch.ones(63))], {}, "intervention 0: the direction has shape \\[63\\]"),
+    ([("add", torch.ones(2, 64), 1)], {}, "intervention 0: the steering vector has shape \\[2, 64\\]"),
+    ([("ablate", torch.zeros(64))], {}, "finite non-zero"),
+    ([("ablate", torch.full((64,), float("nan")))], {}, "non-finite"),
+    ([("add", _D, 3)], {}, "layer 3 out of range"),
+    ([("add", _D, -1)], {}, "layer -1 out of range"),
+    ([("add", _D, 1.5)], {}, "integer layer index"),
+    ([("add", _D)], {}, "takes a vector and a layer"),
+    ([("ablate", _D, 1)], {}, "takes one direction"),
+    ([_D], {}, "is not \\('ablate', direction\\)"),
+    ([("ablate", _D)], {"max_rows": 0}, "max_rows"),
+    ([("ablate", _D)], {"refusal_ids": []}, "refusal_ids"),
+    ([("ablate", _D)], {"prompts": []}, "at least one prompt"),
+])
+def test_direction_bad_input_raises_before_any_forward(tiny_qwen2, ivs, kw, match):
+    lm = tiny_qwen2
+    calls = []
+    h = lm.model.model.embed_tokens.register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        args = {"prompts": HARMFUL, "refusal_ids": IDS} | kw
+        with pytest.raises(ValueError, match=match) as e:
+            direction_set_scores(lm, args.pop("prompts"), args.pop("refusal_ids"), ivs, **args)
+    finally:
+        h.remove()
+    assert "\n" not in str(e.value) and not calls
+
+
+@pytest.mark.realmodel
+@pytest.mark.slow
+def test_directions_equal_the_hook_path_on_the_default_model(lm):
+    """Two diff-in-means candidates (ablated; added at their layers) and two random directions of the same norm
+    on 3 harmful + 3 harmless prompts: scores within 2e-4, KL within 1e-4 of the hook path."""
+    pairs = default_pairs()
+    harmful, harmless = pairs.harmful().texts(), pairs.harmless().texts()
+    prompts = harmful[:3] + harmless[:3]
+    ids = [lm.tokenizer(t, add_special_tokens=False)["input_ids"][0] for t in ("I", "As")]
+    dim = diff_in_means(lm, harmful[10:14], harmless[10:14], layers=[6, 12])
+    v6, v12 = dim.vector(6, -1), dim.vector(12, -5)
+    r = _directions(lm, 2, float(v12.norm()), seed=1)
+    ivs = [("ablate", v12), ("add", v6, 6), ("add", v12, 12), ("ablate", r[0]), ("add", r[1], 12)]
+    want, want_kl, want_clean = _direction_hook_path(lm, ivs, prompts, ids)
+    got = direction_set_scores(lm, prompts, ids, ivs, kl=True)
+    torch.testing.assert_close(got.scores, want, atol=ATOL, rtol=0)
+    torch.testing.assert_close(got.kl, want_kl, atol=KL_ATOL, rtol=0)
+    torch.testing.assert_close(got.clean, want_clean, atol=ATOL, rtol=0)
