@@ -38,8 +38,20 @@ position of the layers below the pruned 20 % (19 x 5 = 95 on the default model; 
 template tokens, are skipped as select_direction skips them), scored on the first 10 harmful and 10 harmless
 validation prompts, refusal ids as above. Env ``MECH_BENCH_CANDIDATES`` (default 95): how many, evenly spaced
 over the (layer, position) grid so the additions keep the layer mix; both paths run on all of them. Recorded:
-both wall times, the ratio, max differences (asserted: ≤ 2e-4 on log-odds, ≤ 1e-4 on KL), useful GFLOP and
-GFLOP/s of each path and their share of the matmul throughput.
+both wall times (and this process's CPU times), the ratio, max differences (asserted: ≤ 2e-4 on log-odds,
+≤ 1e-4 on KL), useful GFLOP and GFLOP/s of each path and their share of the matmul throughput. Few candidates
+overstate the batched path's FLOPs: its rows are padded to the longest prompt of a group, and a group spans all
+prompts until (candidates x prompts) fills ``max_rows`` (at 95 candidates, two prompts a group: little padding).
+
+Measured once (``MECH_BENCH_CANDIDATES=6``: 5 scored, layers 3/7/11/15/18; 3.0 min in all; ``nice -n 19`` on
+the 2 CPU cores while a full ``pytest tests/`` ran at normal priority, load average 1.6-2.8): hook path 133 s,
+batched 16.3 s, x8.2; max |diff| 9e-6 (log-odds), 2e-6 (KL). Useful work 2494 vs 2418 GFLOP (18.7 vs 148
+GFLOP/s against a matmul figure of 77 measured under the same contention). The wall-time ratio is **not
+reliable**: batched's GFLOP/s above the measured matmul rate shows the contention differed between the two
+timings (the hook path most likely got less CPU; the same matmul probe read 174 GFLOP/s on the quiet cores
+minutes later). Re-measure on quiet cores (the CPU-time ratio is now recorded too) before quoting a speed-up;
+the FLOP counts say the batched path does about the same work here, so a real gain comes from larger,
+better-used matrix products, as for the ablation sets (x3-4 there).
 """
 
 from __future__ import annotations
@@ -239,7 +251,7 @@ def test_direction_candidates(benchmark: Any, bench_lm: LoadedModel, setup: dict
     cands = [(L, p, dim.vector(L, p)) for L, p in picked if float(dim.vector(L, p).norm()) > 0]
     last_logits_under(lm, hv[:2])  # warm-up
 
-    t0 = time.perf_counter()  # select_direction's loop (batch_size=16), per-prompt values kept for the comparison
+    t0, c0 = time.perf_counter(), time.process_time()  # select_direction's loop (batch_size=16), per prompt
     base = last_logits_under(lm, hv + lv, None, 16)
     h_bypass, h_kl, h_induce = [], [], []
     for L, _, v in cands:
@@ -248,17 +260,17 @@ def test_direction_candidates(benchmark: Any, bench_lm: LoadedModel, setup: dict
         h_kl.append(first_token_kl(base[nh:], logits[nh:]))
         added = last_logits_under(lm, lv, same_everywhere(lambda v=v, L=L: activation_addition(lm, v, L)), 16)
         h_induce.append(refusal_log_odds(added, IDS))
-    hook_s = time.perf_counter() - t0
+    hook_s, hook_cpu = time.perf_counter() - t0, time.process_time() - c0
 
     work = Work()
     holder: dict[str, Any] = {}
 
     def fast() -> None:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         holder["abl"] = direction_set_scores(lm, hv + lv, IDS, [("ablate", v) for _, _, v in cands], kl=True,
                                              work=work)
         holder["add"] = direction_set_scores(lm, lv, IDS, [("add", v, L) for L, _, v in cands], work=work)
-        holder["seconds"] = time.perf_counter() - t
+        holder["seconds"], holder["cpu"] = time.perf_counter() - t, time.process_time() - c
 
     benchmark.pedantic(fast, rounds=1, iterations=1, warmup_rounds=0)
     abl, add, fast_s = holder["abl"], holder["add"], holder["seconds"]
@@ -280,6 +292,10 @@ def test_direction_candidates(benchmark: Any, bench_lm: LoadedModel, setup: dict
         "hook_seconds": hook_s,
         "fast_seconds": fast_s,
         "speedup": hook_s / fast_s,
+        # this process's CPU seconds (all threads): steadier than wall time when other jobs share the cores
+        "hook_cpu_seconds": hook_cpu,
+        "fast_cpu_seconds": holder["cpu"],
+        "cpu_time_ratio": hook_cpu / holder["cpu"],
         "max_abs_diff": diff,
         "max_abs_kl_diff": kl_diff,
         "fast_work": work.to_dict(),
@@ -293,7 +309,8 @@ def test_direction_candidates(benchmark: Any, bench_lm: LoadedModel, setup: dict
         "loadavg": os.getloadavg(),
     }
     info["summary"] = (
-        f"{nc} candidates  hook path {hook_s:.1f}s  batched {fast_s:.1f}s  x{hook_s / fast_s:.2f}  GFLOP "
+        f"{nc} candidates  hook path {hook_s:.1f}s  batched {fast_s:.1f}s  x{hook_s / fast_s:.2f} (CPU time "
+        f"x{hook_cpu / holder['cpu']:.2f})  GFLOP "
         f"{hook_gf:.0f} vs {fast_gf:.0f}  GFLOP/s {hook_gf / hook_s:.1f} vs {fast_gf / fast_s:.1f} (matmul "
         f"{peak:.0f})  max|diff| {diff:.1e}  KL {kl_diff:.1e}"
     )
