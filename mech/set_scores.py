@@ -63,6 +63,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -70,7 +71,6 @@ from tqdm.auto import tqdm
 
 from mech.ablation import _unit_masks
 from mech.components import Component, as_component, check_component
-from mech.directions import _unit, _vector
 from mech.evaluation import first_token_kl
 from mech.hooks import HookFn, HookPoint, hook_name
 from mech.patching.engine import Engine, PrefixKV, Work
@@ -375,6 +375,30 @@ def ablation_set_scores(
 ABLATED_KINDS = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out")  # directional_ablation's hook points, per layer
 
 
+def _as_vector(lm: LoadedModel, v: Any, what: str) -> Tensor:
+    """``v`` as a float64 CPU ``[d_model]`` tensor (the values :mod:`mech.directions`' hooks cast from), checked:
+    one-line ValueErrors for a non-vector, a wrong width, non-finite values. Kept here, not imported from
+    mech.directions, so results cached by code version (H1/H3 use this module) do not depend on that module."""
+    if not isinstance(v, Tensor):
+        try:
+            v = torch.as_tensor(np.asarray(v, dtype=np.float64))
+        except (TypeError, ValueError):
+            raise ValueError(f"the {what} must be a tensor of d_model numbers, got a {type(v).__name__}") from None
+    d_model = lm.shape.d_model
+    x = v.detach()
+    if x.dim() > 1 and sum(n != 1 for n in x.shape) <= 1:
+        x = x.flatten()  # [1, d_model] and the like
+    if x.dim() != 1 or x.numel() != d_model:
+        raise ValueError(f"the {what} has shape {list(v.shape)} but this model's residual stream has "
+                         f"d_model={d_model}; pass a [{d_model}] vector")
+    if x.is_complex() or not (x.is_floating_point() or x.dtype in (torch.int32, torch.int64)):
+        raise ValueError(f"the {what} must be real numbers, got dtype {x.dtype}")
+    x = x.double().cpu()
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"the {what} has non-finite values (NaN or inf)")
+    return x
+
+
 class _DirIv(NamedTuple):
     kind: Literal["ablate", "add"]
     vector: Tensor  # float64 CPU [d_model]: the unit direction (ablate) or the steering vector (add)
@@ -396,7 +420,7 @@ class DirectionSetScores:
 
 def _check_directions(lm: LoadedModel, prompts: Sequence[str], refusal_ids: Sequence[int],
                       interventions: Sequence[Any], max_rows: int) -> list[_DirIv]:
-    """Every input checked before any forward: one-line ValueErrors (DirectionError for a bad vector)."""
+    """Every input checked before any forward: one-line ValueErrors."""
     if not prompts or isinstance(prompts, str):
         raise ValueError("direction_set_scores needs at least one prompt (a list of strings)")
     if isinstance(interventions, (str, Tensor)) or not len(interventions):
@@ -420,17 +444,21 @@ def _check_directions(lm: LoadedModel, prompts: Sequence[str], refusal_ids: Sequ
                 raise ValueError(f"intervention {i}: ('ablate', direction) takes one direction, got {len(iv) - 1} "
                                  "items")
             try:
-                out.append(_DirIv("ablate", _unit(_vector(lm, iv[1], "direction")), 0))
+                r = _as_vector(lm, iv[1], "direction")
             except ValueError as e:
-                raise type(e)(f"intervention {i}: {e}") from None
+                raise ValueError(f"intervention {i}: {e}") from None
+            norm = r.norm()
+            if not norm > 0:
+                raise ValueError(f"intervention {i}: the direction must be a finite non-zero vector")
+            out.append(_DirIv("ablate", r / norm, 0))  # as mech.directions normalizes it
         elif kind == "add":
             if len(iv) != 3:
                 raise ValueError(f"intervention {i}: ('add', vector, layer) takes a vector and a layer, got "
                                  f"{len(iv) - 1} items")
             try:
-                vec = _vector(lm, iv[1], "steering vector")
+                vec = _as_vector(lm, iv[1], "steering vector")
             except ValueError as e:
-                raise type(e)(f"intervention {i}: {e}") from None
+                raise ValueError(f"intervention {i}: {e}") from None
             try:
                 layer = operator.index(iv[2]) if not isinstance(iv[2], bool) else None
             except TypeError:

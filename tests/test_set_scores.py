@@ -302,6 +302,18 @@ def test_direction_hooks_removed_when_a_forward_raises(tiny_qwen2, hook_count, m
     assert calls["n"] == 3 and hook_count(lm.model) == before
 
 
+def test_direction_vectors_as_arrays_lists_and_float32(tiny_qwen2):
+    """Directions and steering vectors as numpy arrays, lists, float32 or [1, d_model] tensors give the same
+    scores as float64 vectors (the scale of an ablated direction does not matter)."""
+    lm = tiny_qwen2
+    d = _directions(lm, 2, 6.0)
+    want = direction_set_scores(lm, HARMFUL[:3], IDS, [("ablate", d[0]), ("add", d[1], 1)]).scores
+    alt = [("ablate", 3 * d[0].numpy()), ("add", d[1].tolist(), 1)]
+    torch.testing.assert_close(direction_set_scores(lm, HARMFUL[:3], IDS, alt).scores, want, atol=ATOL, rtol=0)
+    alt = [("ablate", d[0].float()[None]), ("add", d[1][None], np.int64(1))]
+    torch.testing.assert_close(direction_set_scores(lm, HARMFUL[:3], IDS, alt).scores, want, atol=ATOL, rtol=0)
+
+
 _D = torch.ones(64, dtype=torch.float64)
 
 
