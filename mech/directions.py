@@ -37,7 +37,6 @@ import operator
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -45,9 +44,8 @@ import torch
 from torch import Tensor, nn
 
 from mech.chat import post_instruction_positions
-from mech.evaluation import Baseline, InterventionResult, evaluate_intervention, first_token_kl
+from mech.evaluation import Baseline, InterventionResult, evaluate_intervention
 from mech.hooks import HookPoint, decoder_layers, hook_name, hooks, run_with_cache
-from mech.refusal import refusal_log_odds
 from mech.stats import fields_dict, jsonable
 
 if TYPE_CHECKING:
@@ -377,7 +375,11 @@ def select_direction(
     batch_size: int = 16,
 ) -> DirectionSelection:
     """Score candidates of ``dim`` (optionally only ``layers`` × ``positions``) on a validation split and
-    select one by Arditi's criteria (see the module docstring). Two batched forwards per candidate.
+    select one by Arditi's criteria (see the module docstring). Every candidate's ablation (harmful and harmless
+    prompts, with the harmless first-token KL) and addition are rows of batched partial forwards
+    (:func:`mech.set_scores.direction_set_scores`: the clean run once, additions from their own layer), equal to
+    one hook-based forward per candidate within float32 round-off. ``batch_size``: at least this many rows per
+    partial forward (128 by default).
 
     The lowest bypass score among candidates that pass every filter wins. If none does, the induce filter is
     relaxed first (the KL filter guards side effects), then the KL filter; ``passed_filters`` says so."""
@@ -388,36 +390,43 @@ def select_direction(
     positions = dim.positions if positions is None else tuple(positions)
     n_layers = lm.shape.n_layers
     max_layer = int(n_layers * (1.0 - prune_last_fraction))
-    from mech.scoring import (  # shares the prompts' prefix K/V (2x fewer tokens)
-        last_logits_under,
-        same_everywhere,
-    )
+    from mech.set_scores import direction_set_scores  # every candidate as rows of one batch, clean run once
 
-    base_logits = last_logits_under(lm, hv + lv, None, batch_size)
-    base_scores = refusal_log_odds(base_logits, ids)
+    cands = [(L, p, dim.vector(L, p)) for L in layers for p in positions]
+    # e.g. layer 0 at a template token: the same embedding on both sides gives a zero vector, not scored
+    live = [i for i, (_, _, v) in enumerate(cands) if float(v.norm()) > 0]
+    rows = max(batch_size, 128)
+    if live:
+        abl = direction_set_scores(lm, hv + lv, ids, [("ablate", cands[i][2]) for i in live], kl=True, max_rows=rows)
+        add = direction_set_scores(lm, lv, ids, [("add", coeff * cands[i][2], cands[i][0]) for i in live],
+                                   max_rows=rows)
+        base_scores = abl.clean
+    else:
+        from mech.scoring import scores_under
+
+        base_scores = scores_under(lm, hv + lv, ids, batch_size=batch_size)
+    at = {i: j for j, i in enumerate(live)}
     scored: list[CandidateScore] = []
-    for L in layers:
-        for p in positions:
-            v = dim.vector(L, p)
-            if not float(v.norm()) > 0:  # e.g. layer 0 at a template token: the same embedding on both sides
-                nan = float("nan")
-                scored.append(CandidateScore(L, p, 0.0, nan, nan, nan, False, ("zero vector",)))
-                continue
-            logits = last_logits_under(lm, hv + lv, same_everywhere(partial(directional_ablation, lm, v)), batch_size)
-            bypass = float(refusal_log_odds(logits[:nh], ids).double().mean())
-            kl = float(first_token_kl(base_logits[nh:], logits[nh:]).double().mean())
-            added = last_logits_under(lm, lv, same_everywhere(partial(activation_addition, lm, v, L, coeff)), batch_size)
-            induce = float(refusal_log_odds(added, ids).double().mean())
-            reasons = []
-            if not np.isfinite(bypass):
-                reasons.append("bypass score is not finite")
-            if not induce > induce_threshold:
-                reasons.append(f"addition does not induce refusal (induce {induce:.3g} <= {induce_threshold})")
-            if not kl <= kl_threshold:
-                reasons.append(f"harmless KL {kl:.3g} > {kl_threshold}")
-            if L >= max_layer:
-                reasons.append(f"layer {L} in the last {prune_last_fraction:.0%} of layers (>= {max_layer})")
-            scored.append(CandidateScore(L, p, float(v.norm()), bypass, induce, kl, not reasons, tuple(reasons)))
+    for i, (L, p, v) in enumerate(cands):
+        if i not in at:
+            nan = float("nan")
+            scored.append(CandidateScore(L, p, 0.0, nan, nan, nan, False, ("zero vector",)))
+            continue
+        j = at[i]
+        bypass = float(abl.scores[j, :nh].double().mean())
+        assert abl.kl is not None
+        kl = float(abl.kl[j, nh:].double().mean())
+        induce = float(add.scores[j].double().mean())
+        reasons = []
+        if not np.isfinite(bypass):
+            reasons.append("bypass score is not finite")
+        if not induce > induce_threshold:
+            reasons.append(f"addition does not induce refusal (induce {induce:.3g} <= {induce_threshold})")
+        if not kl <= kl_threshold:
+            reasons.append(f"harmless KL {kl:.3g} > {kl_threshold}")
+        if L >= max_layer:
+            reasons.append(f"layer {L} in the last {prune_last_fraction:.0%} of layers (>= {max_layer})")
+        scored.append(CandidateScore(L, p, float(v.norm()), bypass, induce, kl, not reasons, tuple(reasons)))
     if not scored:
         raise ValueError("select_direction: no candidate to score (empty layers or positions)")
     passed = [c for c in scored if c.passed]
