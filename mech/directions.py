@@ -47,6 +47,7 @@ from mech.chat import post_instruction_positions
 from mech.evaluation import Baseline, InterventionResult, evaluate_intervention
 from mech.hooks import HookPoint, decoder_layers, hook_name, hooks, run_with_cache
 from mech.stats import fields_dict, jsonable
+from mech.vectors import DirectionError, as_vector
 
 if TYPE_CHECKING:
     from mech.models import LoadedModel
@@ -135,41 +136,8 @@ def diff_in_means(
 # -------------------------------------------------------------------------------------- interventions
 
 
-class DirectionError(ValueError):
-    """A direction or steering vector that cannot be applied to this model (wrong width, NaN/inf, zero)."""
-
-
-def _vector(lm: LoadedModel, vector: Any, what: str) -> Tensor:
-    """``vector`` as a float64 CPU ``[d_model]`` tensor, checked before any hook is attached: one line of
-    :class:`DirectionError` for a non-vector, a wrong width or non-finite values."""
-    if not isinstance(vector, Tensor):
-        try:
-            vector = torch.as_tensor(np.asarray(vector, dtype=np.float64))
-        except (TypeError, ValueError):
-            raise DirectionError(f"the {what} must be a tensor of d_model numbers, got a {type(vector).__name__}") from None
-    d_model = lm.shape.d_model
-    v = vector.detach()
-    if v.dim() > 1 and sum(n != 1 for n in v.shape) <= 1:
-        v = v.flatten()  # [1, d_model] and the like
-    if v.dim() != 1 or v.numel() != d_model:
-        raise DirectionError(
-            f"the {what} has shape {list(vector.shape)} but this model's residual stream has d_model={d_model}; "
-            f"pass a [{d_model}] vector (e.g. DiffInMeans.vector(layer, pos) of this model)"
-        )
-    if v.is_complex() or not (v.is_floating_point() or v.dtype in (torch.int32, torch.int64)):
-        raise DirectionError(f"the {what} must be real numbers, got dtype {v.dtype}")
-    v = v.double().cpu()
-    bad = ~torch.isfinite(v)
-    if bool(bad.any()):
-        raise DirectionError(
-            f"the {what} has {int(bad.sum())} non-finite value(s) (NaN or inf, first at index "
-            f"{int(bad.nonzero()[0])}); recompute it (a NaN usually means an empty prompt group in diff_in_means)"
-        )
-    return v
-
-
 def _unit(direction: Tensor, lm: LoadedModel | None = None) -> Tensor:
-    r = _vector(lm, direction, "direction") if lm is not None else direction.detach().double().cpu().flatten()
+    r = as_vector(lm, direction, "direction") if lm is not None else direction.detach().double().cpu().flatten()
     n = r.norm()
     if not torch.isfinite(n) or n == 0:
         raise DirectionError("the direction must be a finite non-zero vector")
@@ -221,7 +189,7 @@ def activation_addition(lm: LoadedModel, vector: Tensor, layer: int, coeff: floa
         raise DirectionError(f"layer must be an integer layer index, got {layer!r}") from None
     if not 0 <= layer < n_layers:
         raise DirectionError(f"layer {layer} out of range: the model has {n_layers} layers (0..{n_layers - 1})")
-    v = _Cast(_vector(lm, vector, "steering vector") * coeff)
+    v = _Cast(as_vector(lm, vector, "steering vector") * coeff)
 
     def add(x: Tensor, hook: HookPoint) -> Tensor:  # x: [batch, pos, d_model]
         return x + v.to(x)

@@ -63,7 +63,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -76,6 +75,7 @@ from mech.hooks import HookFn, HookPoint, hook_name
 from mech.patching.engine import Engine, PrefixKV, Work
 from mech.refusal import check_refusal_ids, refusal_log_odds
 from mech.scoring import shared_prefix_len
+from mech.vectors import as_vector
 
 if TYPE_CHECKING:
     from mech.ablation import AblationMethod, MeanActivations, MeanMode
@@ -375,30 +375,6 @@ def ablation_set_scores(
 ABLATED_KINDS = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out")  # directional_ablation's hook points, per layer
 
 
-def _as_vector(lm: LoadedModel, v: Any, what: str) -> Tensor:
-    """``v`` as a float64 CPU ``[d_model]`` tensor (the values :mod:`mech.directions`' hooks cast from), checked:
-    one-line ValueErrors for a non-vector, a wrong width, non-finite values. Kept here, not imported from
-    mech.directions, so results cached by code version (H1/H3 use this module) do not depend on that module."""
-    if not isinstance(v, Tensor):
-        try:
-            v = torch.as_tensor(np.asarray(v, dtype=np.float64))
-        except (TypeError, ValueError):
-            raise ValueError(f"the {what} must be a tensor of d_model numbers, got a {type(v).__name__}") from None
-    d_model = lm.shape.d_model
-    x = v.detach()
-    if x.dim() > 1 and sum(n != 1 for n in x.shape) <= 1:
-        x = x.flatten()  # [1, d_model] and the like
-    if x.dim() != 1 or x.numel() != d_model:
-        raise ValueError(f"the {what} has shape {list(v.shape)} but this model's residual stream has "
-                         f"d_model={d_model}; pass a [{d_model}] vector")
-    if x.is_complex() or not (x.is_floating_point() or x.dtype in (torch.int32, torch.int64)):
-        raise ValueError(f"the {what} must be real numbers, got dtype {x.dtype}")
-    x = x.double().cpu()
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"the {what} has non-finite values (NaN or inf)")
-    return x
-
-
 class _DirIv(NamedTuple):
     kind: Literal["ablate", "add"]
     vector: Tensor  # float64 CPU [d_model]: the unit direction (ablate) or the steering vector (add)
@@ -444,7 +420,7 @@ def _check_directions(lm: LoadedModel, prompts: Sequence[str], refusal_ids: Sequ
                 raise ValueError(f"intervention {i}: ('ablate', direction) takes one direction, got {len(iv) - 1} "
                                  "items")
             try:
-                r = _as_vector(lm, iv[1], "direction")
+                r = as_vector(lm, iv[1], "direction")
             except ValueError as e:
                 raise ValueError(f"intervention {i}: {e}") from None
             norm = r.norm()
@@ -456,7 +432,7 @@ def _check_directions(lm: LoadedModel, prompts: Sequence[str], refusal_ids: Sequ
                 raise ValueError(f"intervention {i}: ('add', vector, layer) takes a vector and a layer, got "
                                  f"{len(iv) - 1} items")
             try:
-                vec = _as_vector(lm, iv[1], "steering vector")
+                vec = as_vector(lm, iv[1], "steering vector")
             except ValueError as e:
                 raise ValueError(f"intervention {i}: {e}") from None
             try:
