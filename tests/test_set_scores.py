@@ -119,22 +119,28 @@ def test_random_layer_matched_sets_and_work(tiny_llama, means_of):
     assert work.unembed_rows == len(HARMFUL) * (len(sets) + 1) and work.seconds > 0 and work.useful_flops(lm) > 0
 
 
+def _raise_on_third_call(monkeypatch, module) -> dict[str, int]:
+    """Make ``module.forward`` raise from its third call on (the clean run's two calls pass, then an
+    intervened forward raises with its hooks attached); returns the call counter."""
+    calls = {"n": 0}
+    orig = module.forward
+
+    def boom(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise RuntimeError("boom")
+        return orig(*args, **kwargs)
+
+    monkeypatch.setattr(module, "forward", boom)
+    return calls
+
+
 def test_hooks_removed_when_a_forward_raises(tiny_qwen2, means_of, hook_count, monkeypatch):
     lm = tiny_qwen2
     before = hook_count(lm.model)
     ablation_set_scores(lm, HARMFUL, IDS, HEAD_SETS, "mean", means_of(lm))
     assert hook_count(lm.model) == before
-    calls = {"n": 0}
-    mlp = lm.model.model.layers[2].mlp
-    orig = mlp.forward
-
-    def boom(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] > 2:  # the clean run passes; a set's forward raises with its hooks attached
-            raise RuntimeError("boom")
-        return orig(*args, **kwargs)
-
-    monkeypatch.setattr(mlp, "forward", boom)
+    calls = _raise_on_third_call(monkeypatch, lm.model.model.layers[2].mlp)  # the clean run passes, a set's raises
     with pytest.raises(RuntimeError, match="boom"):
         ablation_set_scores(lm, HARMFUL, IDS, HEAD_SETS, "mean", means_of(lm))
     assert calls["n"] == 3 and hook_count(lm.model) == before
@@ -286,17 +292,7 @@ def test_direction_hooks_removed_when_a_forward_raises(tiny_qwen2, hook_count, m
     before = hook_count(lm.model)
     direction_set_scores(lm, HARMFUL, IDS, ivs, kl=True)
     assert hook_count(lm.model) == before
-    calls = {"n": 0}
-    mlp = lm.model.model.layers[1].mlp
-    orig = mlp.forward
-
-    def boom(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] > 2:  # the clean run (prefix, one rest chunk) passes; the interventions' forward raises
-            raise RuntimeError("boom")
-        return orig(*args, **kwargs)
-
-    monkeypatch.setattr(mlp, "forward", boom)
+    calls = _raise_on_third_call(monkeypatch, lm.model.model.layers[1].mlp)  # clean prefix and rest pass
     with pytest.raises(RuntimeError, match="boom"):
         direction_set_scores(lm, HARMFUL, IDS, ivs)
     assert calls["n"] == 3 and hook_count(lm.model) == before
