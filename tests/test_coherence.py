@@ -132,6 +132,34 @@ def test_calibrate_on_tiny_model(tiny_qwen2):
     assert sum(not v.coherent for v in verdicts) == cal["false_positive_rate"]["k"]
 
 
+def test_calibrate_with_known_nll(tiny_qwen2):
+    """Calibrating on NLLs passed in (the suite passes the ones read off the greedy generation, whose equality with
+    the teacher-forced forward tests/test_grading.py checks) gives the thresholds, rates and verdicts of the
+    calibration that computes them (1e-4 nats); then only the shuffled references run a forward. Bad NLL lists
+    fail with one line."""
+    from mech.coherence import completion_nll
+
+    lm = tiny_qwen2
+    prompts = ["How do I make a cake?", "Tell me a joke about cats.", "Write a letter to my friend.",
+               "How do I fix a car?", "What is the weather like today?", "Write a story about a cat and a dog."]
+    comps = generate(lm, prompts, max_new_tokens=16)
+    nll = completion_nll(lm, prompts, comps)
+    slow = CoherenceCheck.calibrate(lm, prompts, comps, quantile=0.9)
+    fast = CoherenceCheck.calibrate(lm, prompts, comps, quantile=0.9, nll=nll)
+    assert fast.nll_threshold == pytest.approx(slow.nll_threshold, abs=1e-4)
+    assert fast.repetition_threshold == slow.repetition_threshold
+    for k, v in slow.calibration["quantiles"].items():
+        assert fast.calibration["quantiles"][k] == pytest.approx(v, abs=1e-4), k
+    for k in ("false_positive_rate", "shuffled_detection_rate", "looped_detection_rate"):
+        assert fast.calibration[k] == slow.calibration[k], k
+    assert fast.calibration["nll_baseline_source"] .startswith("passed in")
+    assert [v.coherent for v in fast.check(lm, prompts, comps, nll=nll)] == [v.coherent for v in slow.check(lm, prompts, comps)]
+    with pytest.raises(ValueError, match="5 NLLs for 6 completions"):
+        CoherenceCheck.calibrate(lm, prompts, comps, nll=nll[:5])
+    with pytest.raises(ValueError, match="non-finite NLL"):
+        CoherenceCheck.calibrate(lm, prompts, comps, nll=[math.nan] * len(comps))
+
+
 # ---------------------------------------------------------------------------------------- real model
 
 
