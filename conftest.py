@@ -15,7 +15,7 @@ import pytest
 
 pytest_plugins = [
     "fixtures.options", "fixtures.config", "fixtures.model", "fixtures.tiny_models", "fixtures.report",
-    "fixtures.grading", "fixtures.common", "fixtures.h1_circuit", "fixtures.h2_hierarchy", "fixtures.h3_substrate", "fixtures.h4_direction",
+    "fixtures.grading", "fixtures.common", "fixtures.references", "fixtures.h1_circuit", "fixtures.h2_hierarchy", "fixtures.h3_substrate", "fixtures.h4_direction",
     "pytester",
 ]
 

@@ -125,7 +125,8 @@ def _scores_and_logits(lm: LoadedModel, prompts: Sequence[str], ids: Sequence[in
 def _generated_refusals(lm: LoadedModel, prompts: Sequence[str], det: SubstringDetector, max_new: int, bs: int) -> list[bool]:
     if not prompts:
         return []
-    return det(list(prompts), generate(lm, list(prompts), max_new_tokens=max_new, batch_size=bs))
+    # the substring verdict is all that is read: a row stops once its refusal is detected (same verdicts)
+    return det(list(prompts), generate(lm, list(prompts), max_new_tokens=max_new, batch_size=bs, stop_at_refusal=det))
 
 
 def make_baseline(

@@ -165,7 +165,7 @@ def _eos_ids(lm: Any) -> set[int]:
 @torch.inference_mode()
 def _greedy_batch(
     lm: Any, enc: dict[str, Tensor], max_new_tokens: int, eos: set[int], keep_eos: bool = False,
-    logprobs: list[list[float]] | None = None,
+    logprobs: list[list[float]] | None = None, stop_at_refusal: SubstringDetector | None = None,
 ) -> tuple[list[list[int]], Tensor]:
     """Greedy decoding of one left-padded batch with a KV cache; finished rows (EOS) leave the batch.
 
@@ -173,7 +173,8 @@ def _greedy_batch(
     remaining rows see exactly the inputs they would see in the full batch (left padding, own positions).
     Also returns the prompt's last-position logits ``[n, d_vocab]`` (float32, CPU) from the prefill. With
     ``logprobs`` (one empty list per row), each kept token's log-probability under the generating model is
-    appended to its row's list.
+    appended to its row's list. With ``stop_at_refusal``, a row also finishes at the token that makes the
+    detector find a refusal marker in its decoded response (see :func:`generate_ids`).
     """
     model = lm.model
     n = enc["input_ids"].shape[0]
@@ -188,6 +189,7 @@ def _greedy_batch(
     alive = torch.arange(n)
     eos_t = torch.tensor(sorted(eos), dtype=torch.long) if eos else None
     can_prune = hasattr(cache, "batch_select_indices")
+    finished: set[int] = set()
     for step in range(max_new_tokens):
         last = res.logits[:, -1]
         nxt = last.argmax(-1)
@@ -196,10 +198,19 @@ def _greedy_batch(
         lp = (last.float().log_softmax(-1).gather(1, nxt[:, None])[:, 0].cpu().tolist() if logprobs is not None
               else None)
         for j, (row, tok, d) in enumerate(zip(alive.tolist(), nxt_cpu.tolist(), done.tolist(), strict=True)):
+            if row in finished:  # only where the cache cannot drop rows: a finished row gets no more tokens
+                continue
             if keep_eos or not d:
                 out[row].append(tok)
                 if lp is not None:
                     logprobs[row].append(lp[j])  # type: ignore[index]
+            if stop_at_refusal is not None and not d and stop_at_refusal.is_refusal(
+                    lm.tokenizer.decode(out[row], skip_special_tokens=True)):
+                done[j] = True  # the verdict is known: a marker, once in the text, stays in it
+            if done[j]:
+                finished.add(row)
+        if len(finished) == n:
+            break
         if step == max_new_tokens - 1:
             break
         if can_prune and bool(done.any()):
@@ -219,12 +230,12 @@ def _greedy_batch(
 def generate_ids(lm: Any, prompts: Sequence[str], max_new_tokens: int = ..., batch_size: int = ...,
                  system: str | None = ..., progress: bool = ..., keep_eos: bool = ...,
                  return_logits: Literal[False] = ..., token_logprobs: list[list[float]] | None = ...,
-                 ) -> list[list[int]]: ...
+                 stop_at_refusal: SubstringDetector | None = ...) -> list[list[int]]: ...
 @overload
 def generate_ids(lm: Any, prompts: Sequence[str], max_new_tokens: int = ..., batch_size: int = ...,
                  system: str | None = ..., progress: bool = ..., keep_eos: bool = ..., *,
                  return_logits: Literal[True], token_logprobs: list[list[float]] | None = ...,
-                 ) -> tuple[list[list[int]], Tensor]: ...
+                 stop_at_refusal: SubstringDetector | None = ...) -> tuple[list[list[int]], Tensor]: ...
 def generate_ids(
     lm: Any,
     prompts: Sequence[str],
@@ -235,6 +246,7 @@ def generate_ids(
     keep_eos: bool = False,
     return_logits: bool = False,
     token_logprobs: list[list[float]] | None = None,
+    stop_at_refusal: SubstringDetector | None = None,
 ) -> list[list[int]] | tuple[list[list[int]], Tensor]:
     """Greedy response token ids of each prompt, up to the first EOS (dropped, or kept with ``keep_eos``).
 
@@ -244,6 +256,12 @@ def generate_ids(
     (float32, CPU), read off the prefill: the logit refusal score at no extra forward. ``token_logprobs`` (an
     empty list) is filled with one list per prompt: each response token's log-probability under the generating
     model, read off the decoding logits (the completion's NLL at no extra forward).
+
+    ``stop_at_refusal`` (a :class:`SubstringDetector`): a row also leaves the batch at the token with which the
+    detector first finds a refusal marker in its decoded response, so its ids end there. Only for callers that
+    read nothing but that detector's verdict (and the first tokens): the verdict equals the full generation's,
+    because a marker in a text stays in every longer text. The texts are shorter, so never for graded outcomes
+    (:mod:`mech.grading` reads the whole completion: a refusal that degenerates into a loop is incoherent).
     """
     eos = _eos_ids(lm)
     lps: list[list[float]] = [[] for _ in prompts]
@@ -255,7 +273,7 @@ def generate_ids(
         rows = order[i : i + batch_size]
         enc = pad_left([enc_all[r] for r in rows], lm.tokenizer.pad_token_id, lm.input_device)
         row_lps: list[list[float]] | None = [[] for _ in rows] if token_logprobs is not None else None
-        ids, first = _greedy_batch(lm, enc, max_new_tokens, eos, keep_eos, row_lps)
+        ids, first = _greedy_batch(lm, enc, max_new_tokens, eos, keep_eos, row_lps, stop_at_refusal)
         for j, (r, row_ids) in enumerate(zip(rows, ids, strict=True)):
             out[r] = row_ids
             if row_lps is not None:
@@ -273,7 +291,7 @@ def generate_ids(
 
 def generate(lm: Any, prompts: Sequence[str], max_new_tokens: int = 64, batch_size: int = 64, **kw: Any) -> list[str]:
     """Greedy completions (:func:`generate_ids`): the text of the response only, special tokens dropped.
-    ``kw``: :func:`generate_ids`' ``system`` and ``progress``."""
+    ``kw``: :func:`generate_ids`' ``system``, ``progress`` and ``stop_at_refusal``."""
     ids = generate_ids(lm, prompts, max_new_tokens, batch_size, **kw)
     return lm.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
@@ -328,7 +346,9 @@ def derive_refusal_tokens(
     detector = detector or SubstringDetector()
     tok = lm.tokenizer
     firsts: Counter[int] = Counter()
-    rows = generate_ids(lm, harmful_prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    # only the detector's verdict and the first token are read: a row stops once its refusal is detected
+    rows = generate_ids(lm, harmful_prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                        stop_at_refusal=detector)
     for row, text in zip(rows, tok.batch_decode(rows, skip_special_tokens=True), strict=True):
         if row and detector.is_refusal(text):
             firsts[row[0]] += 1
