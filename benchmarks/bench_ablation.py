@@ -18,15 +18,16 @@ score difference (asserted ≤ 2e-4), the useful GFLOP of each path (2 x decoder
 2 x lm_head params per unembedded row; the hook loop's counted from its padded batches) and GFLOP/s against
 the fp32 matmul throughput measured in the same run, the load average.
 
-Measured (2 CPU cores shared with other work, load average 3.6-4.0; ``MECH_BENCH_SETS=20 MECH_BENCH_HOOK_SETS=5``,
-10.6 min in all): hook loop 18.6 s per set; sets at once 87 s / 125 s / 95 s for 20 sets at k = 4 / 8 / 17, i.e.
-x4.3 / x3.0 / x3.9, max |diff| 9e-6. Useful work: 546 GFLOP per set for the hook loop (24 layers, prompts
-left-padded to the longest) against 244-296 GFLOP per set here (from layer 12 / 10 / 9, little padding, the clean
-run shared), at 29 GFLOP/s (34% of the 86 GFLOP/s matmul) against 45-62 GFLOP/s (52-72%). The issue's x10 is not
-reached and cannot be on this workload without leaving float32-exactness: the FLOPs fall only by the layers below
-the first ablated one and the padding (x1.9-2.2 here, x2.0-2.5 at 100 sets), so even at the matmul peak the
-ratio would stay under ~x7.5.
-The default run (100 sets per k, the hook loop on 10) takes about 30 min on these cores.
+Measured on idle cores (load average 0.2 at the start; ``MECH_BENCH_SETS=100 MECH_BENCH_HOOK_SETS=5``, the
+issue's 100 sets per k; about 9 min for the three k): hook loop 3.8-4.3 s per set (21.4 / 19.0 / 19.2 s for 5
+sets); sets at once 130 s / 146 s / 156 s for 100 sets at k = 4 / 8 / 17, i.e. **x3.3 / x2.6 / x2.5**, max |diff|
+9.2e-6 (asserted: 2e-4). Useful work: 546 GFLOP per set for the hook loop (24 layers, prompts left-padded to the
+longest) against 218-269 GFLOP per set here (from layer 12 / 10 / 9, little padding, the clean run shared); the
+hook loop runs at 127-143 GFLOP/s (72-81% of the 177 GFLOP/s fp32 matmul measured in the same run), the sets at
+once at 167-173 GFLOP/s (**94-98%**). So the batched path is at the machine's limit and the ratio is the ratio
+of FLOPs (x2.0-2.5) times the hook loop's lost efficiency: the issue's x10 cannot be reached on this workload
+without leaving float32-exactness (an earlier contended run, load average 3.6-4, read x3.0-4.3 because the hook
+loop suffered more from the contention).
 
 **Direction candidates** (``test_direction_candidates``): H4's selection workload, the hook path of
 :func:`mech.directions.select_direction` (per candidate: ``last_logits_under`` under directional ablation on the
@@ -43,15 +44,12 @@ both wall times (and this process's CPU times), the ratio, max differences (asse
 overstate the batched path's FLOPs: its rows are padded to the longest prompt of a group, and a group spans all
 prompts until (candidates x prompts) fills ``max_rows`` (at 95 candidates, two prompts a group: little padding).
 
-Measured once (``MECH_BENCH_CANDIDATES=6``: 5 scored, layers 3/7/11/15/18; 3.0 min in all; ``nice -n 19`` on
-the 2 CPU cores while a full ``pytest tests/`` ran at normal priority, load average 1.6-2.8): hook path 133 s,
-batched 16.3 s, x8.2; max |diff| 9e-6 (log-odds), 2e-6 (KL). Useful work 2494 vs 2418 GFLOP (18.7 vs 148
-GFLOP/s against a matmul figure of 77 measured under the same contention). The wall-time ratio is **not
-reliable**: batched's GFLOP/s above the measured matmul rate shows the contention differed between the two
-timings (the hook path most likely got less CPU; the same matmul probe read 174 GFLOP/s on the quiet cores
-minutes later). Re-measure on quiet cores (the CPU-time ratio is now recorded too) before quoting a speed-up;
-the FLOP counts say the batched path does about the same work here, so a real gain comes from larger,
-better-used matrix products, as for the ablation sets (x3-4 there).
+Measured on idle cores (``MECH_BENCH_CANDIDATES=19``: 18 scored, one per layer, the zero vector at layer 0
+skipped): hook path 71.9 s, batched 39.7 s, **x1.81** (CPU time x1.79); max |diff| 1.1e-5 (log-odds), 4.2e-6 (KL).
+Useful work 8221 vs 6679 GFLOP: 114 GFLOP/s (65% of the 177 GFLOP/s matmul) against 168 (95%). As for the
+ablation sets, the batched path is at the machine's limit; the hook path loses a third to small batches, and the
+additions save the layers below their own. (An earlier run at 6 candidates under contention read x8.2, which the
+GFLOP/s above the matmul rate showed to be an artefact.)
 """
 
 from __future__ import annotations
