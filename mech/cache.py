@@ -18,6 +18,7 @@ import json
 import os
 import tempfile
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -102,13 +103,25 @@ class DiskCache:
 
     ``enabled=False`` (``--no-cache``) always computes and overwrites the stored entry.
     ``fmt="json"`` for plain data, ``"torch"`` for tensors or dicts of tensors.
+
+    ``computed`` and ``loaded`` count this instance's entries by namespace: computed by ``fn`` (a miss, also when
+    not stored) or read from disk (a hit). A caller compares them before and after a piece of work to tell
+    whether it ran or came from the cache (the suite's plan does, per stage).
     """
 
     def __init__(self, root: str | Path, enabled: bool = True) -> None:
         self.root = Path(root)
         self.enabled = enabled
-        self.hits = 0
-        self.misses = 0
+        self.computed: Counter[str] = Counter()
+        self.loaded: Counter[str] = Counter()
+
+    @property
+    def hits(self) -> int:
+        return sum(self.loaded.values())
+
+    @property
+    def misses(self) -> int:
+        return sum(self.computed.values())
 
     def path(self, namespace: str, key: str, fmt: str = "json") -> Path:
         return self.root / namespace / f"{key[:32]}.{'json' if fmt == 'json' else 'pt'}"
@@ -148,7 +161,7 @@ class DiskCache:
         key = make_key(namespace=namespace, code=code_version(modules), **parts)
         path = self.path(namespace, key, fmt)
         if self.enabled:
-            found, value = self._try_load(path, fmt)
+            found, value = self._try_load(namespace, path, fmt)
             if found:
                 return value
         try:
@@ -156,20 +169,20 @@ class DiskCache:
             lock = FileLock(str(path) + ".lock")
             lock.acquire()
         except OSError as e:  # read-only cache: compute, do not store
-            return self._compute_unstored(path, fn, e)
+            return self._compute_unstored(namespace, path, fn, e)
         try:
             if self.enabled:  # another process may have finished it while we waited for the lock
-                found, value = self._try_load(path, fmt, unlink_bad=True)
+                found, value = self._try_load(namespace, path, fmt, unlink_bad=True)
                 if found:
                     return value
-            self.misses += 1
+            self.computed[namespace] += 1
             value = fn()
             self.store(path, value, fmt)
             return value
         finally:
             lock.release()
 
-    def _try_load(self, path: Path, fmt: str, unlink_bad: bool = False) -> tuple[bool, Any]:
+    def _try_load(self, namespace: str, path: Path, fmt: str, unlink_bad: bool = False) -> tuple[bool, Any]:
         if not path.exists():
             return False, None
         try:
@@ -178,10 +191,10 @@ class DiskCache:
             if unlink_bad:  # unreadable entry (only under the lock): recompute it
                 path.unlink(missing_ok=True)
             return False, None
-        self.hits += 1
+        self.loaded[namespace] += 1
         return True, value
 
-    def _compute_unstored(self, path: Path, fn: Callable[[], T], err: OSError) -> T:
+    def _compute_unstored(self, namespace: str, path: Path, fn: Callable[[], T], err: OSError) -> T:
         warnings.warn(
             f"cache dir {self.root} is not writable ({err.strerror or type(err).__name__}): computing "
             f"{path.parent.name}/{path.name} without storing it; make the directory writable or pass another "
@@ -189,7 +202,7 @@ class DiskCache:
             RuntimeWarning,
             stacklevel=3,
         )
-        self.misses += 1
+        self.computed[namespace] += 1
         return fn()
 
 

@@ -44,6 +44,32 @@ def test_get_or_compute_computes_once_per_key(tmp_path: Path):
     assert len(stored) == 2 and not list((tmp_path / "ns").glob(".*"))  # no temporary file left behind
 
 
+def test_computed_and_loaded_are_counted_by_namespace(tmp_path: Path):
+    """The record the suite's plan reads: which namespaces an instance computed and which it read, including
+    --no-cache (always computed), an unreadable entry (recomputed) and a read-only cache (computed, unstored)."""
+    dc = DiskCache(tmp_path)
+    dc.get_or_compute("a", {"k": 1}, lambda: 1, modules=("stats",))
+    dc.get_or_compute("a", {"k": 2}, lambda: 2, modules=("stats",))
+    dc.get_or_compute("b", {"k": 1}, lambda: 3, modules=("stats",))
+    assert (dc.computed, dc.loaded) == ({"a": 2, "b": 1}, {})
+    warm = DiskCache(tmp_path)
+    for k in (1, 2):
+        warm.get_or_compute("a", {"k": k}, lambda: pytest.fail("must be read"), modules=("stats",))
+    assert (warm.computed, warm.loaded, warm.hits, warm.misses) == ({}, {"a": 2}, 2, 0)
+    off = DiskCache(tmp_path, enabled=False)
+    off.get_or_compute("a", {"k": 1}, lambda: 1, modules=("stats",))
+    assert (off.computed, off.loaded) == ({"a": 1}, {})
+    next((tmp_path / "b").glob("*.json")).write_text("{half")  # an entry a killed writer could not have left
+    again = DiskCache(tmp_path)
+    assert again.get_or_compute("b", {"k": 1}, lambda: 4, modules=("stats",)) == 4
+    assert (again.computed, again.loaded) == ({"b": 1}, {})
+    blocked = DiskCache(tmp_path / "file")
+    (tmp_path / "file").write_text("")  # a file where the cache dir should be: nothing can be stored
+    with pytest.warns(RuntimeWarning, match="not writable"):
+        assert blocked.get_or_compute("c", {}, lambda: 5, modules=("stats",)) == 5
+    assert (blocked.computed, blocked.loaded) == ({"c": 1}, {})
+
+
 def test_torch_entries_and_disabled_cache(tmp_path: Path):
     dc = DiskCache(tmp_path)
     t = dc.get_or_compute("t", {}, lambda: {"x": torch.arange(3.0)}, fmt="torch", modules=("stats",))
