@@ -15,8 +15,8 @@ import pytest
 
 pytest_plugins = [
     "fixtures.options", "fixtures.config", "fixtures.model", "fixtures.tiny_models", "fixtures.report",
-    "fixtures.grading", "fixtures.common", "fixtures.references", "fixtures.h1_circuit", "fixtures.h2_hierarchy", "fixtures.h3_substrate", "fixtures.h4_direction",
-    "pytester",
+    "fixtures.grading", "fixtures.common", "fixtures.references", "fixtures.h1_circuit", "fixtures.h2_hierarchy",
+    "fixtures.h3_substrate", "fixtures.h4_direction", "fixtures.plan", "pytester",
 ]
 
 ROOT = Path(__file__).resolve().parent
@@ -40,6 +40,8 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("markers", f"{name}: {doc}")
     # `pytest hypotheses/` writes the self-contained HTML report unless --html says otherwise.
     args = [str(a) for a in config.args]
+    if config.getoption("mech_plan", False):  # --plan runs nothing: no report
+        return
     if any(Path(a.split("::")[0]).resolve().is_relative_to(ROOT / "hypotheses") for a in args if a):
         if hasattr(config.option, "htmlpath") and not config.option.htmlpath:
             # written under a temporary name, then moved to hypotheses.html (a complete run) or
