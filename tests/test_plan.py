@@ -81,6 +81,15 @@ def test_timing_history_keeps_one_record_per_stage_and_workload(tmp_path: Path):
     back = TimingHistory(path, "model=m device=cpu", "w1")
     assert back.estimate("atp_noise").seconds == 13.2 and back.estimate("baseline").seconds == 250.0  # type: ignore[union-attr]
     assert not list(tmp_path.glob(f".{FILENAME}.*"))  # atomic: no temporary file left
+    # a stage that also read from the cache (a resumed run) never replaces a full record, but fills a gap
+    back.save({"baseline": 9.0, "layer_probe": 60.0}, partial={"baseline", "layer_probe"})
+    again = TimingHistory(path, "model=m device=cpu", "w1")
+    assert again.estimate("baseline").seconds == 250.0 and not again.estimate("baseline").partial  # type: ignore[union-attr]
+    probe = again.estimate("layer_probe")
+    assert probe is not None and probe.seconds == 60.0 and probe.describe().endswith(", partly cached)")
+    again.save({"layer_probe": 70.0})  # a full measurement replaces a partial one
+    full = TimingHistory(path, "model=m device=cpu", "w1").estimate("layer_probe")
+    assert full is not None and (full.seconds, full.same_workload, full.partial) == (70.0, True, False)
     for bad in ("{half", "[]", '{"version": 1, "settings": {"k": {"s": {"w": {"seconds": "slow"}}}}}'):
         path.write_text(bad)
         h = TimingHistory(path, "model=m device=cpu", "w1")
