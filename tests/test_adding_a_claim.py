@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.tiny_models import build_tiny_model
-
 ROOT = Path(__file__).resolve().parents[1]
 TINY_SET = ["--set", "min_refusals=0", "--set", "gate_separation=false", "--set", "n_bootstrap=200"]
 
@@ -23,7 +21,11 @@ def _blocks() -> list[str]:
 
 
 @pytest.mark.slow
-def test_the_readme_walkthrough_runs(pytester: pytest.Pytester, tmp_path: Path, monkeypatch):
+def test_the_readme_walkthrough_runs(tiny_qwen2, pytester: pytest.Pytester, tmp_path: Path, monkeypatch):
+    """The README's walkthrough claim runs on a tiny model. The model is the session's ``tiny_qwen2``, built before
+    ``pytester`` starts: pytester unloads every module a test imports when it ends, and transformers' lazily
+    imported modules register torch operators that cannot be registered twice (a later test building a model
+    would fail with "Only a single TORCH_LIBRARY can be used ...")."""
     fixture_code, claim_code = _blocks()
     pytester.makepyfile(extra_fixtures="import pytest\n"
                         "from fixtures.common import cache_key, ids, require_gate\n"
@@ -36,7 +38,7 @@ def test_the_readme_walkthrough_runs(pytester: pytest.Pytester, tmp_path: Path, 
         "pytest_configure = root.pytest_configure\n")
     pytester.makepyfile(test_zero="import numpy as np\nimport pytest\nfrom mech.stats import bootstrap_ci\n\n"
                         "pytestmark = [pytest.mark.localized_circuit]\n\n" + claim_code)
-    tiny = build_tiny_model("qwen2", seed=0)
+    tiny = tiny_qwen2
     tiny.model.save_pretrained(tmp_path / "m")
     tiny.tokenizer.save_pretrained(tmp_path / "m")
     monkeypatch.setenv("PYTHONPATH", f"{ROOT}{os.pathsep}{pytester.path}")
