@@ -105,19 +105,6 @@ KL_ATOL = 1e-4
 pytestmark = [pytest.mark.slow, pytest.mark.realmodel]
 
 
-def _matmul_gflops(device: torch.device) -> float:
-    """Best-of-5 fp32 throughput of an MLP-shaped product [2048,896]x[896,4864] on ``device``."""
-    a, b = torch.randn(2048, 896, device=device), torch.randn(896, 4864, device=device)
-    best = float("inf")
-    for _ in range(6):
-        t0 = time.perf_counter()
-        torch.matmul(a, b)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * 2048 * 896 * 4864 / best / 1e9
-
-
 def _hook_loop_work(lm: LoadedModel, prompts: list[str], n_sets: int, batch_size: int = 64) -> Work:
     """What the hook loop computes per set, from its batches (``batch_size`` prompts, left-padded to the longest,
     each batch on its own prefix row)."""
@@ -130,7 +117,7 @@ def _hook_loop_work(lm: LoadedModel, prompts: list[str], n_sets: int, batch_size
 
 
 @pytest.fixture(scope="module")
-def setup(bench_lm: LoadedModel) -> Iterator[dict[str, Any]]:
+def setup(bench_lm: LoadedModel, matmul_gflops: dict[str, float]) -> Iterator[dict[str, Any]]:
     from fixtures.config import SuiteConfig
 
     lm = bench_lm
@@ -143,7 +130,7 @@ def setup(bench_lm: LoadedModel) -> Iterator[dict[str, Any]]:
         "device": str(lm.device),
         "n_sets": N_SETS,
         "n_hook_sets": N_HOOK_SETS,
-        "matmul_gflops": _matmul_gflops(lm.device),
+        "matmul_gflops": matmul_gflops["mlp_2048x896x4864"],
         "cpu_count": os.cpu_count(),
         "loadavg_start": os.getloadavg(),
         "tasks": {},

@@ -107,17 +107,6 @@ class PeakRSS:
         self._t.join()
 
 
-def _matmul_gflops() -> dict[str, float]:
-    """Best-of-5 fp32 matmul throughput: a square 2048^3 product and an MLP-shaped [2048,896]x[896,4864]."""
-    out = {}
-    for name, (m, k, n) in {"square_2048": (2048, 2048, 2048), "mlp_2048x896x4864": (2048, 896, 4864)}.items():
-        a, b = torch.randn(m, k), torch.randn(k, n)
-        torch.matmul(a, b)
-        best = min(_timed(lambda a=a, b=b: torch.matmul(a, b)) for _ in range(5))
-        out[name] = 2 * m * k * n / best / 1e9
-    return out
-
-
 def _timed(fn: Any) -> float:
     t0 = time.perf_counter()
     fn()
@@ -203,7 +192,7 @@ def _finish(benchmark: Any, lm: LoadedModel, state: dict[str, Any], name: str, i
 
 
 @pytest.fixture(scope="module")
-def state(bench_lm: LoadedModel) -> Iterator[dict[str, Any]]:
+def state(bench_lm: LoadedModel, matmul_gflops: dict[str, float]) -> Iterator[dict[str, Any]]:
     """Shared across the tasks; written to reports/bench_patching.json at the end."""
     lm = bench_lm
     imp = subprocess.run(
@@ -217,7 +206,7 @@ def state(bench_lm: LoadedModel) -> Iterator[dict[str, Any]]:
         "threads": torch.get_num_threads(),
         "load_s": lm.load_seconds,
         "import_s": float(imp.stdout.strip().splitlines()[-1]),
-        "machine": {"matmul_gflops": _matmul_gflops(), "cpu_count": os.cpu_count(), "loadavg_start": os.getloadavg()},
+        "machine": {"matmul_gflops": matmul_gflops, "cpu_count": os.cpu_count(), "loadavg_start": os.getloadavg()},
         "tasks": {},
         "_results": {},  # PatchResult objects shared between tasks (not written)
     }
