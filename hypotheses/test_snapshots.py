@@ -4,6 +4,7 @@ snapshot diff (review it, then ``--snapshot-update``). Only for the embedded def
 from __future__ import annotations
 
 import pytest
+import torch
 
 from fixtures.h1_circuit import top_heads
 from mech.models import DEFAULT_MODEL
@@ -12,9 +13,10 @@ pytestmark = [pytest.mark.realmodel, pytest.mark.slow]
 
 
 @pytest.fixture(autouse=True)
-def _default_model_only(run_config):
-    if run_config.model != DEFAULT_MODEL or run_config.quantize != "none":
-        pytest.skip("snapshots are recorded for the default model in float32")
+def _default_model_only(run_config, lm):
+    if run_config.model != DEFAULT_MODEL or run_config.quantize != "none" or lm.dtype != torch.float32:
+        pytest.skip("snapshots are recorded for the default model in float32 (--dtype float32); a bfloat16 run is "
+                    "checked against float32 by the verdict-equality benchmark (benchmarks/bench_precision.py)")
 
 
 def test_top_heads_snapshot(atp_noise, snapshot):

@@ -362,6 +362,43 @@ def check_judge_name(name: str, cache_dir: str | Path | None = None) -> None:
                      f"or .gguf; the default judge {DEFAULT_JUDGE!r} needs {_install_hint(DEFAULT_JUDGE)}")
 
 
+JUDGE_OFF = ("none", "off")
+
+
+def _same_model(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+def resolve_judge(option: str | None, model: str, cache_dir: str | Path | None = None) -> tuple[str | None, str]:
+    """The judge of a run studying ``model``, and why: ``(name or None, reason)``.
+
+    ``option`` is ``--judge``: ``auto`` (or unset) takes :data:`DEFAULT_JUDGE` when it is installed and is not the
+    model under study (a model never judges its own completions), else no judge, saying why; ``none`` turns the
+    judge off; any other value is a judge to load, refused with :class:`ModelError` (one line) when it is the
+    model under study or cannot be loaded.
+    """
+    opt = (option or "auto").strip() or "auto"
+    if opt.lower() in JUDGE_OFF:
+        return None, "--judge none: no judge"
+    if opt.lower() == "auto":
+        if _same_model(DEFAULT_JUDGE, model):
+            return None, (f"auto: no judge, because the default judge {DEFAULT_JUDGE} is the model under study (a "
+                          "model never judges itself); pass --judge DIR for another judge model")
+        try:
+            check_judge_name(DEFAULT_JUDGE, cache_dir)
+        except ModelError as e:
+            return None, f"auto: no judge ({e})"
+        return DEFAULT_JUDGE, f"auto: the default judge {DEFAULT_JUDGE} is installed"
+    if _same_model(opt, model):
+        raise ModelError(f"judge {opt!r} is the model under study: a model never judges its own completions; "
+                         f"use another judge (e.g. --judge {DEFAULT_JUDGE} for another model) or --judge none")
+    check_judge_name(opt, cache_dir)
+    return opt, f"--judge {opt}"
+
+
 def judge_from_name(
     name: str = DEFAULT_JUDGE,
     cache_dir: str | Path | None = None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -9,6 +10,14 @@ from typing import Any
 
 import pytest
 import torch
+
+# The suite's --judge defaults to `auto` (the default judge model decides whenever it is installed). The library's
+# tests run the suite on tiny models, where loading the 1.5B judge would only add minutes: no judge unless a test
+# asks for one (the subprocess runs of pytester inherit this).
+os.environ.setdefault("MECH_JUDGE", "none")
+# `--dtype auto` is bfloat16 on a CPU with bfloat16 matrix units; the tests' numeric tolerances are for the exact
+# float32 reference, so the suite runs of the tests (and the session model) use float32 unless a test asks.
+os.environ.setdefault("MECH_DTYPE", "float32")
 
 
 def _count_hooks(model: torch.nn.Module) -> int:

@@ -52,7 +52,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def local(saved: Path):
-    return load_model(str(saved), device="cpu")
+    return load_model(str(saved), device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")

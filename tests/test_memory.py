@@ -24,7 +24,7 @@ def saved(tmp_path_factory):
 
 @pytest.mark.parametrize("quantize", ["none", "8bit", "4bit"])
 def test_estimate_equals_stored_bytes(saved, quantize):
-    lm = load_model(str(saved), device="cpu", quantize=quantize)
+    lm = load_model(str(saved), device="cpu", dtype="float32", quantize=quantize)
     est = estimate_memory(lm.model.config, "float32", quantize)
     assert est.n_params == sum(p.numel() for p in build_tiny_model("llama", n_layers=2, d_model=256, n_heads=4,
                                                                     n_kv_heads=2, d_mlp=512).model.parameters())

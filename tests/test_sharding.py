@@ -41,14 +41,14 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def ref(saved: Path) -> LoadedModel:
-    return load_model(str(saved), device="cpu")
+    return load_model(str(saved), device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")
 def sharded(saved: Path, tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
     dm = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu", "model.layers.1": "cpu",
           "model.layers.2": "disk", "model.layers.3": "disk", "model.norm": "cpu", "lm_head": "cpu"}
-    return load_model(str(saved), device="cpu", device_map=dm, offload_folder=tmp_path_factory.mktemp("offload"))
+    return load_model(str(saved), device="cpu", dtype="float32", device_map=dm, offload_folder=tmp_path_factory.mktemp("offload"))
 
 
 def test_sharded_model_is_offloaded_and_computes_the_same_logits(ref, sharded):
@@ -118,12 +118,12 @@ def test_ablation_and_directions_on_a_sharded_model(ref, sharded):
 
 def test_max_memory_auto_map_offloads_what_does_not_fit(saved, ref, tmp_path):
     """``device_map="auto"`` with a CPU cap smaller than the model puts the rest on disk, and still computes."""
-    lm = load_model(str(saved), device="cpu", device_map="auto", max_memory="cpu=400KB", offload_folder=tmp_path)
+    lm = load_model(str(saved), device="cpu", dtype="float32", device_map="auto", max_memory="cpu=400KB", offload_folder=tmp_path)
     assert set(lm.device_map.values()) == {"cpu", "disk"} and lm.sharded
     torch.testing.assert_close(refusal_scores(lm, [PAIRS[0][0]], IDS), refusal_scores(ref, [PAIRS[0][0]], IDS),
                                atol=ATOL, rtol=0)
     with pytest.raises(ModelError, match="nothing fits") as e:
-        load_model(str(saved), device="cpu", device_map="auto", max_memory="cpu=10KB", offload_folder=tmp_path)
+        load_model(str(saved), device="cpu", dtype="float32", device_map="auto", max_memory="cpu=10KB", offload_folder=tmp_path)
     assert "\n" not in str(e.value)
 
 
@@ -142,7 +142,7 @@ def test_parse_max_memory_forms_and_errors():
 def test_bitsandbytes_quantized_model_runs_the_machinery(saved, ref, mode):
     """bitsandbytes on the CPU: the linear layers are really quantized, and hooks, patching, ablation and
     directions run on them (the numbers differ from float32, as quantization must)."""
-    lm = load_model(str(saved), device="cpu", quantize=mode)
+    lm = load_model(str(saved), device="cpu", dtype="float32", quantize=mode)
     import bitsandbytes as bnb
 
     cls = bnb.nn.Linear4bit if mode == "4bit" else bnb.nn.Linear8bitLt
