@@ -216,6 +216,7 @@ class LLMJudge:
         self.name = name
         self.answer_ids = self._answer_ids(lm.tokenizer, rubric.answers)
         self.stats: dict[str, float] = {"completions": 0, "forwards": 0, "seconds": 0.0}
+        self._seen: dict[tuple[str, str], Tensor] = {}  # (prompt, response) -> answer log-probs [3]
         self._cache_kw = _cache_kwarg(lm.model)
 
     @staticmethod
@@ -273,11 +274,21 @@ class LLMJudge:
     def answer_logprobs(self, prompts: Sequence[str], responses: Sequence[str]) -> Tensor:
         """Log-probs ``[n, 3]`` of the three answers' first tokens as the judge's next token (full softmax).
 
-        Pairs are batched by length (less padding) and returned in input order: one forward per batch, plus one
-        for the shared prefix (``prefix_cache``).
+        Each (prompt, response) pair is judged once per judge object: a pair seen before (the same baseline
+        completion read by several claims, a repeated completion) is answered from memory. New pairs are
+        batched by length (less padding) and returned in input order: one forward per batch, plus one for the
+        shared prefix (``prefix_cache``).
         """
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses; pass one response per prompt")
+        keys = list(zip(prompts, responses, strict=True))
+        new = list(dict.fromkeys(k for k in keys if k not in self._seen))
+        if new:
+            for k, row in zip(new, self._judge_new([k[0] for k in new], [k[1] for k in new]), strict=True):
+                self._seen[k] = row
+        return torch.stack([self._seen[k] for k in keys]) if keys else torch.empty(0, 3)
+
+    def _judge_new(self, prompts: Sequence[str], responses: Sequence[str]) -> Tensor:
         t0 = time.perf_counter()
         seqs = self.encode(prompts, responses)
         shared, prefix = 0, None

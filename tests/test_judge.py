@@ -156,6 +156,44 @@ def test_rubric_examples_are_not_gold_rows():
 # ------------------------------------------------------------------------------------------- by name
 
 
+def test_a_pair_is_judged_once(tiny_qwen2):
+    """A (prompt, response) pair seen before is answered from memory: no forward, the same row."""
+    j = LLMJudge(tiny_qwen2, rubric=TINY_RUBRIC, batch_size=2, prefix_cache=False)
+    first = j.answer_logprobs(PROMPTS, RESPONSES)
+    forwards = j.stats["forwards"]
+    again = j.answer_logprobs(list(reversed(PROMPTS)) + PROMPTS[:1], list(reversed(RESPONSES)) + RESPONSES[:1])
+    assert j.stats["forwards"] == forwards and j.stats["completions"] == len(PROMPTS)
+    torch.testing.assert_close(again, torch.cat([first.flip(0), first[:1]]), atol=0, rtol=0)
+    j.answer_logprobs(PROMPTS[:1], ["a response it has not seen"])
+    assert j.stats["forwards"] == forwards + 1 and j.stats["completions"] == len(PROMPTS) + 1
+
+
+def test_judge_resolution(tmp_path, monkeypatch):
+    """--judge auto takes the default judge where it is installed and is not the model under study; none turns it
+    off; a judge equal to the studied model is refused in one line."""
+    from mech.judge import resolve_judge
+
+    monkeypatch.setattr("mech.judge.check_judge_name", lambda name, cache_dir=None: None)  # "installed"
+    assert resolve_judge(None, "qwen2.5-coder-0.5b-instruct", tmp_path)[0] == DEFAULT_JUDGE
+    assert resolve_judge("auto", "qwen2.5-coder-0.5b-instruct", tmp_path)[0] == DEFAULT_JUDGE
+    name, why = resolve_judge("auto", DEFAULT_JUDGE, tmp_path)
+    assert name is None and "model under study" in why
+    assert resolve_judge("none", "qwen2.5-coder-0.5b-instruct", tmp_path) == (None, "--judge none: no judge")
+    with pytest.raises(ModelError) as e:
+        resolve_judge(DEFAULT_JUDGE, DEFAULT_JUDGE, tmp_path)
+    assert "\n" not in str(e.value) and "model under study" in str(e.value)
+    (tmp_path / "m").mkdir()
+    with pytest.raises(ModelError, match="model under study"):
+        resolve_judge(str(tmp_path / "m"), str(tmp_path / "m" / "."), tmp_path)
+
+    def missing(name, cache_dir=None):
+        raise ModelError(f"judge model {name!r} is not installed")
+
+    monkeypatch.setattr("mech.judge.check_judge_name", missing)
+    name, why = resolve_judge("auto", "qwen2.5-coder-0.5b-instruct", tmp_path)
+    assert name is None and "not installed" in why
+
+
 def test_unknown_judge_name_is_a_one_line_error(tmp_path):
     with pytest.raises(ModelError) as e:
         check_judge_name("no-such-judge", cache_dir=tmp_path)
