@@ -63,7 +63,8 @@ def _replicate_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--out", default="reports", help="where replication.{json,html} and replication/<run>/ go")
     r.add_argument("--cache-dir", default=None, help="shared disk cache of models and sweeps (default ~/.cache/mech)")
     r.add_argument("--device", default="auto")
-    r.add_argument("--dtype", default="auto")
+    r.add_argument("--dtype", "--dtypes", dest="dtype", default="auto",
+                   help="the suite's --dtype, or a comma-separated precision axis, e.g. float32,bfloat16")
     r.add_argument("--quantize", default="none")
     r.add_argument("--memory-budget-gb", type=float, default=None,
                    help="compare each model's memory estimate with this instead of the machine's available memory")

@@ -77,6 +77,7 @@ class RunSpec:
     prompts: str  # "pairs", a file path, or eval:FILE
     model_label: str
     prompts_label: str
+    dtype: str = "auto"  # the suite's --dtype for this run (the precision axis: --dtype float32,bfloat16)
 
     @property
     def prompts_path(self) -> str | None:
@@ -120,8 +121,22 @@ def _model_label(model: str) -> str:
     return p.stem if p.suffix == ".gguf" else (p.name if p.exists() else model)
 
 
-def plan_runs(models: Sequence[str], prompts: Sequence[str]) -> list[RunSpec]:
-    """Every (model, prompt set) combination, models outermost; each run id is unique and file-name safe."""
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+
+
+def parse_dtypes(text: str) -> list[str]:
+    """``--dtype`` of a replication: one dtype or a comma-separated precision axis (``float32,bfloat16``)."""
+    dts = list(dict.fromkeys(d.strip() for d in text.split(",") if d.strip()))
+    bad = [d for d in dts if d not in DTYPE_CHOICES]
+    if not dts or bad:
+        raise ReplicationError(f"--dtype {text!r}: give one or more of {', '.join(DTYPE_CHOICES)}, comma-separated "
+                               "(e.g. --dtype float32,bfloat16 for the precision axis)")
+    return dts
+
+
+def plan_runs(models: Sequence[str], prompts: Sequence[str], dtypes: Sequence[str] = ("auto",)) -> list[RunSpec]:
+    """Every (model, prompt set, dtype) combination, models outermost; each run id is unique and file-name safe
+    (``<model>__<prompts>``, with ``__<dtype>`` when more than one dtype is asked)."""
     if not models:
         raise ReplicationError("no models given; pass --models A,B (registry names: python -m mech models)")
     if not prompts:
@@ -129,14 +144,16 @@ def plan_runs(models: Sequence[str], prompts: Sequence[str]) -> list[RunSpec]:
     runs, seen = [], set()
     for m in models:
         for p in prompts:
-            pl = ("pairs" if p == DEFAULT_PROMPTS
-                  else f"eval-{Path(p.removeprefix(EVAL_PREFIX)).stem}" if p.startswith(EVAL_PREFIX) else Path(p).stem)
-            rid = f"{_slug(_model_label(m))}__{_slug(pl)}"
-            base, i = rid, 2
-            while rid in seen:
-                rid, i = f"{base}-{i}", i + 1
-            seen.add(rid)
-            runs.append(RunSpec(rid, m, p, _model_label(m), pl))
+            for dt in dtypes:
+                pl = ("pairs" if p == DEFAULT_PROMPTS
+                      else f"eval-{Path(p.removeprefix(EVAL_PREFIX)).stem}" if p.startswith(EVAL_PREFIX)
+                      else Path(p).stem)
+                rid = f"{_slug(_model_label(m))}__{_slug(pl)}" + (f"__{dt}" if len(dtypes) > 1 else "")
+                base, i = rid, 2
+                while rid in seen:
+                    rid, i = f"{base}-{i}", i + 1
+                seen.add(rid)
+                runs.append(RunSpec(rid, m, p, _model_label(m), pl, dt))
     return runs
 
 
@@ -366,7 +383,7 @@ def _pytest_args(spec: RunSpec, opts: dict[str, Any], extra: Sequence[str] = ())
     args = [sys.executable, "-m", "pytest", str(ROOT / "hypotheses"), "-m", "primary", "--rootdir", str(ROOT),
             "-c", str(ROOT / "pyproject.toml"), "-p", "no:cacheprovider", "-q", "--tb=line", "--verdict-exit", "--durations=10",
             "--model", spec.model, "--cache-dir", str(opts["cache_dir"]), "--device", opts["device"],
-            "--dtype", opts["dtype"], "--quantize", opts["quantize"]]
+            "--dtype", spec.dtype, "--quantize", opts["quantize"]]
     if spec.prompts_path:
         args += ["--prompts", str(Path(spec.prompts_path).resolve())]
     if spec.eval_path:
@@ -417,7 +434,7 @@ def _stamp_key(spec: RunSpec, opts: dict[str, Any], code: str) -> str:
         "MECH_MODEL", "MECH_PROMPTS", "MECH_EVAL_PROMPTS", "MECH_REPORTS_DIR")}
     blob = json.dumps({"model": spec.model, "model_fp": _model_fingerprint(spec.model), "prompts": spec.prompts,
                        "prompts_fp": _prompts_fingerprint(spec.prompts), "set": list(opts["set"]),
-                       "device": opts["device"], "dtype": opts["dtype"], "quantize": opts["quantize"],
+                       "device": opts["device"], "dtype": spec.dtype, "quantize": opts["quantize"],
                        "cache_dir": str(opts["cache_dir"]), "code": code, "env": env}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -748,10 +765,12 @@ def replicate(models: Sequence[str], prompts: Sequence[str] = (DEFAULT_PROMPTS,)
     t0 = time.monotonic()
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     out = Path(out)
-    specs = plan_runs(models, prompts)
+    dtypes = parse_dtypes(dtype)
+    specs = plan_runs(models, prompts, dtypes)
     check_inputs(models, prompts, cache)
     check_set_items(set_items)
-    mem = memory_plan(models, cache, device, dtype, quantize, None if budget_gb is None else budget_gb * 1e9)
+    mem = [row for dt in dtypes
+           for row in memory_plan(models, cache, device, dt, quantize, None if budget_gb is None else budget_gb * 1e9)]
     for row in mem:
         fits = {True: "fits", False: "DOES NOT FIT", None: "unknown size (no config readable offline)"}[row["fits"]]
         est = "?" if row["estimate_gb"] is None else f"{row['estimate_gb']:.2f}"
@@ -761,7 +780,7 @@ def replicate(models: Sequence[str], prompts: Sequence[str] = (DEFAULT_PROMPTS,)
     bad = [row for row in mem if row["fits"] is False]
     if bad:
         raise ReplicationError(_memory_refusal(bad[0]))
-    opts = {"cache_dir": cache, "set": list(set_items), "device": device, "dtype": dtype, "quantize": quantize}
+    opts = {"cache_dir": cache, "set": list(set_items), "device": device, "quantize": quantize}
     if check_only:
         return {"memory": mem, "runs": [asdict(s) for s in specs]}
     prepare_models(models, cache)
@@ -790,9 +809,10 @@ def replicate(models: Sequence[str], prompts: Sequence[str] = (DEFAULT_PROMPTS,)
     report: dict[str, Any] = {
         "created": _dt.datetime.now().isoformat(timespec="seconds"), "command": list(command),
         "config": {"suite": str(ROOT), "models": list(models), "prompts": list(prompts), "set": list(set_items), "device": device,
-                   "dtype": dtype, "quantize": quantize, "cache_dir": str(cache)},
+                   "dtype": dtypes[0] if len(dtypes) == 1 else dtypes, "quantize": quantize, "cache_dir": str(cache)},
         "memory": mem,
-        "runs": [{"id": r.spec.id, "model": r.spec.model, "prompts": r.spec.prompts, "dir": str(r.dir),
+        "runs": [{"id": r.spec.id, "model": r.spec.model, "prompts": r.spec.prompts, "dtype": r.spec.dtype,
+                  "dir": str(r.dir),
                   "status": r.status, "reused": r.reused, "exit_status": r.exit_status, "wall_s": r.wall_s,
                   "peak_rss_gb": r.peak_rss_gb, "message": r.message, "summary": r.findings.get("summary"),
                   "model_info": r.findings.get("model"), "suite_config": r.findings.get("config")} for r in results],

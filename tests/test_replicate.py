@@ -224,7 +224,7 @@ def test_an_eval_prompt_set_trains_on_the_pairs_and_judges_on_the_file(tmp_path:
     pairs, ev = plan_runs([str(tmp_path / "tiny")], ["pairs", f"eval:{bench}"])
     assert (pairs.id, ev.id) == ("tiny__pairs", "tiny__eval-bench")
     assert (ev.prompts_path, ev.eval_path) == (None, str(bench))
-    opts = {"cache_dir": tmp_path / "cache", "device": "cpu", "dtype": "auto", "quantize": "none", "set": []}
+    opts = {"cache_dir": tmp_path / "cache", "device": "cpu", "quantize": "none", "set": []}
     args = _pytest_args(ev, opts)
     assert "--prompts" not in args and args[args.index("--eval-prompts") + 1] == str(bench.resolve())
     assert "--eval-prompts" not in _pytest_args(pairs, opts)
@@ -292,3 +292,24 @@ def test_a_run_without_findings_is_an_error_cell_never_a_verdict(tmp_path: Path)
 
     page = render_html(report, {r["id"]: forest_figure(r, [ok, crashed]) for r in rows} | {"__depth__": depth_figure([])})
     assert page.count('data-verdict="error"') == 3 and page.count('class="cell"') == 4
+
+
+def test_the_precision_axis_runs_each_dtype(tmp_path: Path):
+    """``--dtype float32,bfloat16``: one run per dtype (ids end in the dtype), each passing its own --dtype to the
+    suite and keying its stamp by it; a bad dtype is one line before anything runs."""
+    from mech.replicate import ReplicationError, _pytest_args, _stamp_key, parse_dtypes, plan_runs
+
+    dts = parse_dtypes("float32, bfloat16,float32")
+    assert dts == ["float32", "bfloat16"]
+    runs = plan_runs(["m"], ["pairs"], dts)
+    assert [(r.id, r.dtype) for r in runs] == [("m__pairs__float32", "float32"), ("m__pairs__bfloat16", "bfloat16")]
+    assert [r.id for r in plan_runs(["m"], ["pairs"])] == ["m__pairs"]  # one dtype: ids as before
+    opts = {"cache_dir": tmp_path, "device": "cpu", "quantize": "none", "set": []}
+    for r in runs:
+        args = _pytest_args(r, opts)
+        assert args[args.index("--dtype") + 1] == r.dtype
+    assert _stamp_key(runs[0], opts, "c") != _stamp_key(runs[1], opts, "c")
+    for bad in ("fp8", "", "float32,int4"):
+        with pytest.raises(ReplicationError) as e:
+            parse_dtypes(bad)
+        assert "\n" not in str(e.value) and "float32,bfloat16" in str(e.value)
