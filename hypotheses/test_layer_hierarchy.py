@@ -22,29 +22,9 @@ from mech.stats import (
     binomial_rate,
     bootstrap_ci,
     intersection_union_p,
-    permutation_pvalue,
 )
 
 pytestmark = [pytest.mark.layer_hierarchy, pytest.mark.realmodel, pytest.mark.slow]
-
-
-def signed_rank_p(x: np.ndarray, alternative: str) -> float:
-    """One-sided Wilcoxon signed-rank p of ``x`` against 0 (exact for small n); 1 when nothing can be tested
-    (no finite value, or every value 0): an untestable part never supports a claim."""
-    from scipy.stats import wilcoxon
-
-    x = x[np.isfinite(x)]
-    if x.size == 0 or not np.any(x != 0):
-        return 1.0
-    return float(wilcoxon(x, alternative=alternative).pvalue)
-
-
-def resid_effect_per_pair(layer_patching: dict) -> np.ndarray:
-    """``[pairs, layers]`` normalized effect of patching the harmful resid_pre (all post-instruction positions)
-    into the harmless run."""
-    res = PatchResult.from_dict(layer_patching)
-    comps = res.axis("component")
-    return res.as_array("layer", "component", per_pair=True, where={"position": "all"})[:, :, comps.index("resid_pre")]
 
 
 @pytest.mark.primary
@@ -62,19 +42,14 @@ def test_read_early_moved_later(layer_probe, layer_patching, lm, suite, claim):
     post-instruction positions (read where it is used), fails (2); one whose post-instruction positions never carry
     refusal by the later layer fails (3); label-shuffled training data (nothing to read) fails (1). Content words
     alone, which any language model decodes early, pass (1) only: the decodability claim of earlier versions."""
+    from fixtures.h2_hierarchy import hierarchy_parts, resid_effect_per_pair
+
     n = lm.shape.n_layers
-    early = max(1, int(n * suite.read_max_fraction))
     val = layer_probe["val_accuracy"]
-    L1 = max(range(early), key=lambda i: (val[i], -i))
-    L2 = min(n - 1, int(n * suite.move_fraction))
-    correct = [row[L1] for row in layer_probe["test_correct"]]
-    acc = binomial_rate(correct)
-    null = np.array(layer_probe["null_accuracy"])[:, L1]
-    read = permutation_pvalue(acc.rate, null, alternative="greater")
     eff = resid_effect_per_pair(layer_patching)
+    t = hierarchy_parts(layer_probe, eff, n, suite)
+    parts, L1, L2, early, acc, null = t["parts"], t["L1"], t["L2"], t["early"], t["acc"], t["null"]
     e1, e2 = eff[:, L1], eff[:, L2]
-    parts = {"read_at_L1": read.p_value, "not_moved_at_L1": signed_rank_p(e1 - suite.moved_max, "less"),
-             "moved_at_L2": signed_rank_p(e2 - suite.rise_level, "greater")}
     p = intersection_union_p(parts)
     contrast = e2 - e1
     lo, hi = bootstrap_ci(contrast[np.isfinite(contrast)], n_resamples=suite.n_bootstrap, seed=suite.split_seed)
@@ -84,7 +59,7 @@ def test_read_early_moved_later(layer_probe, layer_patching, lm, suite, claim):
                       "(less) and at the later layer (greater)",
                  null=f"{len(null)} shuffled-label probes; patching effect ≥ {suite.moved_max} at L1 or ≤ "
                       f"{suite.rise_level} at layer {L2}")
-    claim.record(p_parts=parts, read_layer=L1, move_layer=L2, chosen_on="validation", read_candidates=[0, early - 1],
+    claim.record(p_parts=parts, layer=L1, move_layer=L2, chosen_on="validation", read_candidates=[0, early - 1],
                  val_accuracy=val[L1], test_accuracy=acc.rate, test_accuracy_ci=[acc.low, acc.high],
                  shuffled_mean=float(null.mean()), effect_at_read_layer=float(np.nanmean(e1)),
                  effect_at_move_layer=float(np.nanmean(e2)), n_probe_pairs=layer_probe["n_test_pairs"])
@@ -132,6 +107,8 @@ def test_resid_patching_rises_in_middle_band(layer_patching, head_patching, lm, 
     reaches 0.5 lies in [n/4, 3n/4), with its whole 95% bootstrap CI (over pairs) inside the band."""
     res = PatchResult.from_dict(layer_patching)
     comps = res.axis("component")
+    from fixtures.h2_hierarchy import resid_effect_per_pair
+
     per_pair = resid_effect_per_pair(layer_patching)
     n = lm.shape.n_layers
     band = [n // 4, (3 * n) // 4]

@@ -15,7 +15,6 @@ from mech import plots
 from mech.stats import (
     bootstrap_ci,
     null_detectable_shift,
-    permutation_pvalue,
 )
 
 pytestmark = [pytest.mark.localized_circuit, pytest.mark.realmodel, pytest.mark.slow]
@@ -33,17 +32,15 @@ def test_ranked_heads_beat_layer_matched_random(circuit_ablation, top_head_atten
 
     How it fails: a ranking no better than chance loses (1) (the ranked set is one more draw from the null); a
     drop carried by a few prompts, or one that random sets of the same layers reach on most prompts, loses (2)."""
-    from mech.stats import bootstrap_pvalue, intersection_union_p
+    from fixtures.h1_circuit import circuit_parts
+    from mech.stats import intersection_union_p
 
     c = circuit_ablation
     base, ranked, null = np.array(c["base"]), np.array(c["ranked"]), np.array(c["null_scores"])  # null [draws, n]
-    d_ranked = float((ranked - base).mean())
-    d_null = (null - base).mean(1)
-    test = permutation_pvalue(d_ranked, d_null, alternative="less")
-    per_prompt = ranked - null.mean(0)  # ranked minus the mean random set, per prompt
+    t = circuit_parts(base, ranked, null, suite)
+    parts, test, d_ranked, d_null, per_prompt = t["parts"], t["test"], t["d_ranked"], t["d_null"], t["per_prompt"]
+    p_prompts = parts["prompts"]
     lo, hi = bootstrap_ci(per_prompt, n_resamples=suite.n_bootstrap, seed=suite.split_seed)
-    p_prompts = bootstrap_pvalue(per_prompt, 0.0, "less", n_resamples=suite.n_bootstrap, seed=suite.split_seed)
-    parts = {"random_head_sets": test.p_value, "prompts": p_prompts}
     p_comp = intersection_union_p(parts)
     claim.result(statistic=d_ranked, p_value=p_comp, effect=float(per_prompt.mean()), ci=[lo, hi],
                  n=len(base), mde=null_detectable_shift(d_null, suite.alpha, "less"),

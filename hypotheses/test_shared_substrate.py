@@ -16,7 +16,7 @@ import pytest
 from scipy.stats import wilcoxon
 
 from fixtures.common import require_gate
-from fixtures.h3_substrate import jaccard
+from fixtures.h3_substrate import jaccard, substrate_statistic
 from mech import plots
 from mech.patching import PatchResult
 from mech.stats import (
@@ -35,15 +35,6 @@ def _excess(cc: dict, a: str) -> np.ndarray:
     """Per judged off-category prompt: drop under A's heads minus the mean drop under A's layer-matched random
     sets."""
     return np.array(cc["ranked"][a])[cc["judged"][a]] - np.array(cc["random"][a])
-
-
-def substrate_statistic(cc: dict) -> tuple[float, np.ndarray]:
-    """The primary's statistic and its null: the mean over categories A of the mean drop of A's ranked set on A's
-    judged off-category prompts; per joint draw b, the same mean of the draw's random sets (one per category)."""
-    cats = cc["categories"]
-    obs = float(np.mean([np.mean(np.array(cc["ranked"][a])[cc["judged"][a]]) for a in cats]))
-    null = np.mean(np.array([cc["null"][a] for a in cats]), axis=0)  # [draws]
-    return obs, null
 
 
 @pytest.mark.primary
