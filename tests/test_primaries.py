@@ -241,3 +241,74 @@ def test_balanced_slices_take_every_category_in_turn():
     first = balanced(ps, 11)
     assert len({p.category for p in first}) == min(11, len(ps.categories()))
     assert balanced(ps, 3) == first[:3] and len(balanced(ps, 10_000)) == len(ps)
+
+
+_FORCED_REFUSAL = '''
+
+@pytest.fixture(scope="session")
+def baseline(baseline):
+    """A constructed refusing model for the machinery: the baseline grades every harmful prompt a refusal and every
+    harmless prompt a compliance (a random tiny model refuses nothing); interventions are graded as they come."""
+    import dataclasses
+
+    for r in baseline["rows"]:
+        o = "refusal" if r["label"] == "harmful" else "compliance"
+        r["grade"] = dataclasses.replace(r["grade"], substring=o == "refusal", substring_outcome=o, outcome=o)
+        r.update(refused=o == "refusal", substring=o == "refusal", outcome=o)
+    return baseline
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("filters", ["arditi", "open"])
+def test_h4_primary_runs_end_to_end_and_fails_where_nothing_is_found(tiny_qwen2, pytester: pytest.Pytester,
+                                                                      tmp_path, monkeypatch, filters):
+    """H4's primary, fixtures and controls on a tiny model whose baseline is made to refuse every harmful prompt
+    (the suite copied, one fixture overridden in its conftest): it gets a verdict, never an error, with its parts
+    recorded, and it is NOT supported. With Arditi's filters no candidate of a random model passes them: p = 1 and
+    the exploratory H4 claims are `not tested`. With the filters opened (``--set``) the controls run: a random
+    model's short answers hold no refusal marker under any direction, so the controls remove as much as the
+    selected direction."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from tests.helpers import small_prompt_file
+    from tests.test_report import TINY_SET
+
+    root = Path(__file__).resolve().parents[1]
+    repo = tmp_path / "repo"
+    for d in ("mech", "fixtures", "hypotheses", "data"):
+        shutil.copytree(root / d, repo / d, ignore=shutil.ignore_patterns("__pycache__"))
+    for f in ("conftest.py", "pyproject.toml"):
+        shutil.copy2(root / f, repo / f)
+    with open(repo / "hypotheses" / "conftest.py", "a") as fh:
+        fh.write(_FORCED_REFUSAL)
+    tiny_qwen2.model.save_pretrained(tmp_path / "m")
+    tiny_qwen2.tokenizer.save_pretrained(tmp_path / "m")
+    monkeypatch.setenv("PYTHONPATH", str(repo))
+    monkeypatch.setenv("MECH_REPORTS_DIR", str(tmp_path / "reports"))
+    result = pytester.runpytest_subprocess(
+        str(repo / "hypotheses" / "test_single_direction.py"), "--rootdir", str(repo), "-c", str(repo / "pyproject.toml"),
+        "--model", str(tmp_path / "m"), "--prompts", str(small_prompt_file(tmp_path / "prompts.csv")),
+        "--cache-dir", str(tmp_path / "cache"), "--max-new-tokens", "4", "-p", "no:cacheprovider", "-q", "--tb=line",
+        "--no-progress", *TINY_SET,
+        *(["--set", "induce_threshold=-1000", "--set", "kl_threshold=1000"] if filters == "open" else []), timeout=600)
+    findings = json.loads((tmp_path / "reports" / "findings.partial.json").read_text())
+    claims = {c["id"].split("::")[1]: c for c in findings["claims"]}
+    assert not [c for c in claims.values() if c["verdict"] == "error"], result.stdout.str()[-3000:]
+    c = claims["test_directional_ablation_removes_refusal"]
+    assert c["verdict"] == "NOT supported", (c["message"], c["numbers"])
+    parts, gates = c["numbers"]["p_parts"], c["numbers"]["gates"]
+    assert set(parts) == {"mcnemar", "relative_cut_floor", "controls"} and set(gates) == {"passed_filters"}
+    assert c["p_value"] == (1.0 if not gates["passed_filters"] or parts["controls"] is None
+                            else max(parts.values()))
+    assert gates["passed_filters"] == (filters == "open")
+    if gates["passed_filters"]:
+        ctl = c["numbers"]["controls"]
+        assert ctl["computed"] and ctl["n_prompts"] == 3 and ctl["n_at_least_selected"] == 7  # 3 + 2 + 2 controls, all tie
+        assert set(ctl["mean_removed_by_kind"]) == {"shuffled", "covariance", "isotropic"}
+        assert parts["controls"] == 1.0 and c["p_value"] == 1.0
+    else:
+        assert all(claims[n]["verdict"] == "not tested" and "Arditi's filters" in claims[n]["message"]
+                   for n in ("test_activation_addition_induces_refusal", "test_ablation_side_effects_small"))
