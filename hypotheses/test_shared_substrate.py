@@ -95,7 +95,8 @@ def test_heads_transfer_beyond_random(cross_category, suite, claim):
 
 def test_category_heads_transfer(cross_category, category, suite, claim):
     """Exploratory. This category's top-k heads lower the other categories' refusal scores more than its
-    layer-matched random head sets do (one-sided Wilcoxon signed-rank over the off-category test prompts)."""
+    layer-matched random head sets do (one-sided Wilcoxon signed-rank over its ``n_substrate_prompts`` judged
+    off-category test prompts, against the mean of its random sets there)."""
     if category not in cross_category["categories"]:
         pytest.skip(f"no train pairs of category {category} to rank heads on")
     ex = _excess(cross_category, category)
