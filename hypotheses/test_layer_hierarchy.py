@@ -1,9 +1,11 @@
 """H2 — a layer hierarchy: harmfulness is read early, moved to the post-instruction positions in the middle,
 and the late blocks write the refusal.
 
-The primary: early linear decodability of harmfulness (layer chosen on validation, judged on test against
-shuffled-label probes). Exploratory: decodability per late layer (``-k layer12``), where patching the residual
-stream starts to transfer refusal, and where the direct effect on the refusal logits sits.
+The primary: "read early, moved later" — at an early layer L1 (chosen on validation in the first third of the
+depth) harmfulness is linearly decodable at the last prompt position, yet patching the residual stream there
+does not yet move refusal; at a pre-specified later layer it does. Exploratory: decodability per late layer
+(``-k layer12``), where patching the residual stream starts to transfer refusal, and where the direct effect on
+the refusal logits sits.
 """
 
 from __future__ import annotations
@@ -19,38 +21,58 @@ from mech.stats import (
     binomial_pvalue,
     binomial_rate,
     bootstrap_ci,
-    null_detectable_shift,
-    permutation_pvalue,
+    intersection_union_p,
 )
 
 pytestmark = [pytest.mark.layer_hierarchy, pytest.mark.realmodel, pytest.mark.slow]
 
 
 @pytest.mark.primary
-def test_harmfulness_decodable_early(layer_probe, lm, suite, claim):
-    """PRIMARY. Harmfulness is linearly decodable within the first third of the depth: at the early layer with
-    the best validation accuracy, a difference-in-means probe (fit on train pairs, last prompt position) beats
-    shuffled-label probes on the test pairs (Monte-Carlo p < alpha). Effect: accuracy − shuffled mean, with the
-    Clopper–Pearson 95% CI."""
-    third = max(1, lm.shape.n_layers // 3)
-    val = layer_probe["val_accuracy"]
-    L = max(range(third), key=lambda i: (val[i], -i))
-    correct = [row[L] for row in layer_probe["test_correct"]]
-    acc = binomial_rate(correct)
-    null = np.array(layer_probe["null_accuracy"])[:, L]
-    test = permutation_pvalue(acc.rate, null, alternative="greater")
-    claim.result(statistic=acc.rate, p_value=test.p_value, effect=acc.rate - null.mean(),
-                 ci=[acc.low - null.mean(), acc.high - null.mean()], n=acc.n,
-                 mde=null_detectable_shift(null, suite.alpha, "greater"), test="Monte-Carlo permutation, one-sided",
-                 null=f"{len(null)} probes fit on shuffled train labels")
-    claim.record(layer=L, chosen_on="validation", first_third=third, val_accuracy=val[L],
-                 shuffled_mean=float(null.mean()))
-    claim.uses(layer_probe)
+def test_read_early_moved_later(layer_probe, layer_patching, lm, suite, claim):
+    """PRIMARY. Read early, moved later: three tests, all needed (one intersection–union p, the largest).
+    (1) read: at the early layer L1 with the best validation accuracy among the first ``read_max_fraction`` of the
+    layers, a difference-in-means probe (train pairs, last prompt position) beats probes fit on shuffled train
+    labels on the test pairs (Monte-Carlo p); (2) not yet moved: patching the harmful resid_pre at L1 (all
+    post-instruction positions) into the harmless twin moves less than ``moved_max`` of the refusal score
+    (one-sided Wilcoxon signed-rank over test pairs, H0: mean normalized effect ≥ ``moved_max``); (3) moved later:
+    at layer int(``move_fraction`` × depth) the same patch moves more than ``rise_level`` (H0: ≤ ``rise_level``).
+    Effect: normalized effect at the later layer minus at L1, 95% bootstrap CI over pairs.
+
+    How it fails: a model without a hierarchy, where what is decodable at L1 already drives refusal from the
+    post-instruction positions (read where it is used), fails (2); one whose post-instruction positions never carry
+    refusal by the later layer fails (3); label-shuffled training data (nothing to read) fails (1). Content words
+    alone, which any language model decodes early, pass (1) only: the decodability claim of earlier versions."""
+    from fixtures.h2_hierarchy import hierarchy_parts, resid_effect_per_pair
+
     n = lm.shape.n_layers
+    val = layer_probe["val_accuracy"]
+    eff = resid_effect_per_pair(layer_patching)
+    t = hierarchy_parts(layer_probe, eff, n, suite)
+    parts, L1, L2, early, acc, null = t["parts"], t["L1"], t["L2"], t["early"], t["acc"], t["null"]
+    e1, e2 = eff[:, L1], eff[:, L2]
+    p = intersection_union_p(parts)
+    contrast = e2 - e1
+    lo, hi = bootstrap_ci(contrast[np.isfinite(contrast)], n_resamples=suite.n_bootstrap, seed=suite.split_seed)
+    claim.result(statistic=float(np.nanmean(contrast)), p_value=p, effect=float(np.nanmean(contrast)), ci=[lo, hi],
+                 n=int(np.isfinite(contrast).sum()), threshold=[suite.moved_max, suite.rise_level],
+                 test="intersection–union: probe vs shuffled labels (Monte-Carlo), Wilcoxon signed-rank at L1 "
+                      "(less) and at the later layer (greater)",
+                 null=f"{len(null)} shuffled-label probes; patching effect ≥ {suite.moved_max} at L1 or ≤ "
+                      f"{suite.rise_level} at layer {L2}")
+    claim.record(p_parts=parts, layer=L1, move_layer=L2, chosen_on="validation", read_candidates=[0, early - 1],
+                 val_accuracy=val[L1], test_accuracy=acc.rate, test_accuracy_ci=[acc.low, acc.high],
+                 shuffled_mean=float(null.mean()), effect_at_read_layer=float(np.nanmean(e1)),
+                 effect_at_move_layer=float(np.nanmean(e2)), n_probe_pairs=layer_probe["n_test_pairs"])
+    claim.uses(layer_probe, layer_patching)
     claim.figure(plots.curve(list(range(n)), {"test accuracy": layer_probe["test_accuracy"], "validation accuracy": val,
-                                              "shuffled labels (mean)": np.array(layer_probe["null_accuracy"]).mean(0).tolist()},
-                             "Linear probe for harmfulness by layer", "layer", "accuracy"), "Probe accuracy by layer")
-    assert test.p_value < suite.alpha, f"layer {L}: test accuracy {acc.rate:.2f} vs shuffled {null.mean():.2f}, p = {test.p_value:.3g}"
+                                              "shuffled labels (mean)": np.array(layer_probe["null_accuracy"]).mean(0).tolist(),
+                                              "resid_pre patching effect": np.nanmean(eff, 0).tolist()},
+                             "Read (probe accuracy) and moved (patching effect) by layer", "layer", "accuracy / effect"),
+                 "Probe accuracy and patching effect by layer")
+    assert p < suite.alpha, (
+        f"read at L{L1}: accuracy {acc.rate:.2f} vs shuffled {null.mean():.2f} (p {parts['read_at_L1']:.3g}); "
+        f"patching effect at L{L1} {np.nanmean(e1):.2f} (< {suite.moved_max}? p {parts['not_moved_at_L1']:.3g}), "
+        f"at L{L2} {np.nanmean(e2):.2f} (> {suite.rise_level}? p {parts['moved_at_L2']:.3g}): composite p = {p:.3g}")
 
 
 def test_harmfulness_stays_decodable(layer_probe, late_layer, lm, suite, claim):
@@ -85,7 +107,9 @@ def test_resid_patching_rises_in_middle_band(layer_patching, head_patching, lm, 
     reaches 0.5 lies in [n/4, 3n/4), with its whole 95% bootstrap CI (over pairs) inside the band."""
     res = PatchResult.from_dict(layer_patching)
     comps = res.axis("component")
-    per_pair = res.as_array("layer", "component", per_pair=True, where={"position": "all"})[:, :, comps.index("resid_pre")]
+    from fixtures.h2_hierarchy import resid_effect_per_pair
+
+    per_pair = resid_effect_per_pair(layer_patching)
     n = lm.shape.n_layers
     band = [n // 4, (3 * n) // 4]
     first = _first_reaching(np.nanmean(per_pair, 0), suite.rise_level)

@@ -15,7 +15,6 @@ from mech import plots
 from mech.stats import (
     bootstrap_ci,
     null_detectable_shift,
-    permutation_pvalue,
 )
 
 pytestmark = [pytest.mark.localized_circuit, pytest.mark.realmodel, pytest.mark.slow]
@@ -23,21 +22,34 @@ pytestmark = [pytest.mark.localized_circuit, pytest.mark.realmodel, pytest.mark.
 
 @pytest.mark.primary
 def test_ranked_heads_beat_layer_matched_random(circuit_ablation, top_head_attention, suite, claim):
-    """PRIMARY. Mean-ablating the top-k attribution-ranked heads (k = 5% of heads) lowers the mean refusal score
-    of the harmful test prompts more than layer-matched random head sets of the same size (≥ 100 draws; one-sided
-    Monte-Carlo p < alpha). Effect: ranked Δ − mean random Δ (log-odds), 95% bootstrap CI over prompts."""
+    """PRIMARY. Mean-ablating the top-k attribution-ranked heads (k = 5% of heads) lowers the refusal score of the
+    harmful test prompts more than layer-matched random head sets of the same size, at two levels, both needed:
+    (1) over head sets — the ranked set's mean drop beats ≥ 100 layer-matched random sets (one-sided Monte-Carlo
+    p); (2) over prompts — the per-prompt effect (ranked Δ − mean random Δ) is below zero with the prompts
+    resampled (one-sided bootstrap p of its mean: p < alpha exactly when the one-sided 1 − alpha bound excludes
+    no effect). One p: the intersection–union p, the larger of the two. Effect: ranked Δ − mean random Δ
+    (log-odds), 95% bootstrap CI over prompts.
+
+    How it fails: a ranking no better than chance loses (1) (the ranked set is one more draw from the null); a
+    drop carried by a few prompts, or one that random sets of the same layers reach on most prompts, loses (2)."""
+    from fixtures.h1_circuit import circuit_parts
+    from mech.stats import intersection_union_p
+
     c = circuit_ablation
     base, ranked, null = np.array(c["base"]), np.array(c["ranked"]), np.array(c["null_scores"])  # null [draws, n]
-    d_ranked = float((ranked - base).mean())
-    d_null = (null - base).mean(1)
-    test = permutation_pvalue(d_ranked, d_null, alternative="less")
-    per_prompt = ranked - null.mean(0)  # ranked minus the mean random set, per prompt
+    t = circuit_parts(base, ranked, null, suite)
+    parts, test, d_ranked, d_null, per_prompt = t["parts"], t["test"], t["d_ranked"], t["d_null"], t["per_prompt"]
+    p_prompts = parts["prompts"]
     lo, hi = bootstrap_ci(per_prompt, n_resamples=suite.n_bootstrap, seed=suite.split_seed)
-    claim.result(statistic=d_ranked, p_value=test.p_value, effect=float(per_prompt.mean()), ci=[lo, hi],
+    p_comp = intersection_union_p(parts)
+    claim.result(statistic=d_ranked, p_value=p_comp, effect=float(per_prompt.mean()), ci=[lo, hi],
                  n=len(base), mde=null_detectable_shift(d_null, suite.alpha, "less"),
-                 test="Monte-Carlo permutation, one-sided", null=f"{len(d_null)} layer-matched random head sets of {c['k']}")
-    claim.record(k=c["k"], heads=c["heads"], random_mean_delta=float(d_null.mean()), param_fraction=c["param_fraction"],
-                 harmless_kl=c["kl"], ce_before=c["ce_before"], ce_after=c["ce_after"])
+                 test="intersection–union: Monte-Carlo permutation over head sets and bootstrap over prompts, "
+                      "both one-sided",
+                 null=f"{len(d_null)} layer-matched random head sets of {c['k']}; no per-prompt effect")
+    claim.record(p_parts=parts, k=c["k"], heads=c["heads"], random_mean_delta=float(d_null.mean()),
+                 param_fraction=c["param_fraction"], harmless_kl=c["kl"], ce_before=c["ce_before"],
+                 ce_after=c["ce_after"])
     claim.uses(c)
     ks = [p["k"] for p in c["curve"]]
     claim.figure(plots.curve(ks, {"top-k AtP heads": [float(np.mean(p["ranked"]) - base.mean()) for p in c["curve"]],
@@ -48,8 +60,10 @@ def test_ranked_heads_beat_layer_matched_random(circuit_ablation, top_head_atten
     claim.figure(plots.circuit(c["heads"]), "Circuit: the top-k heads by layer")
     claim.figure(plots.attention_grid(top_head_attention, ["harmful", "harmless twin"]),
                  "Attention patterns of the top-3 heads on a harmful prompt and its harmless twin (last 12 tokens)")
-    assert test.p_value < suite.alpha, (
-        f"top-{c['k']} Δ = {d_ranked:.3f} vs layer-matched random {d_null.mean():.3f}: p = {test.p_value:.3g}")
+    assert p_comp < suite.alpha, (
+        f"top-{c['k']} Δ = {d_ranked:.3f} vs layer-matched random {d_null.mean():.3f} (p over sets "
+        f"{test.p_value:.3g}); per-prompt effect {per_prompt.mean():.3f} (95% CI {lo:.3f}–{hi:.3f}, p over prompts "
+        f"{p_prompts:.3g}): composite p = {p_comp:.3g}")
 
 
 def test_small_set_reaches_half_of_all_heads(circuit_ablation, suite, claim):

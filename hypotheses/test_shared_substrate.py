@@ -1,9 +1,12 @@
 """H3 — a shared substrate: the same heads serve refusal across harm categories.
 
-Primary: ablating one category's top heads lowers refusal on the *other* categories' harmful test prompts
-more than layer-matched random head sets of the same size do, on the same prompts. Exploratory, per category
-(``-k fraud``): that transfer for this category, and whether its attribution map is specific to it (agrees
-with the others' less than a random subset of prompts does).
+Primary: ablating one category's top heads (ranked on all of its train pairs) lowers refusal on the *other*
+categories' harmful test prompts more than layer-matched random head sets do, on the same prompts, as one
+set-level permutation test over joint draws of random sets. Reported beside it: how much the category head sets
+overlap (Jaccard, with each other and with H1's top-k) and the discriminating contrast, transfer to the other
+categories against transfer to the category's own prompts. Exploratory, per category (``-k fraud``): that transfer
+for this category, and whether its attribution map is specific to it (agrees with the others' less than a random
+subset of prompts does).
 """
 
 from __future__ import annotations
@@ -13,48 +16,87 @@ import pytest
 from scipy.stats import wilcoxon
 
 from fixtures.common import require_gate
+from fixtures.h3_substrate import jaccard, substrate_statistic
 from mech import plots
 from mech.patching import PatchResult
-from mech.stats import adjust_pvalues, bootstrap_ci, permutation_pvalue, spearman
+from mech.stats import (
+    adjust_pvalues,
+    bootstrap_ci,
+    intersection_union_p,
+    null_detectable_shift,
+    permutation_pvalue,
+    spearman,
+)
 
 pytestmark = [pytest.mark.shared_substrate, pytest.mark.realmodel, pytest.mark.slow]
 
 
 def _excess(cc: dict, a: str) -> np.ndarray:
-    """Per off-category prompt: drop under A's heads minus the drop under A's layer-matched random sets."""
-    off = [i for i, c in enumerate(cc["prompt_categories"]) if c != a]
-    return (np.array(cc["ranked"][a]) - np.array(cc["random"][a]))[off]
+    """Per judged off-category prompt: drop under A's heads minus the mean drop under A's layer-matched random
+    sets."""
+    return np.array(cc["ranked"][a])[cc["judged"][a]] - np.array(cc["random"][a])
 
 
 @pytest.mark.primary
 def test_heads_transfer_beyond_random(cross_category, suite, claim):
-    """PRIMARY. Across categories, mean-ablating category A's top-k heads lowers the refusal score of the other
-    categories' harmful test prompts more than layer-matched random sets of k heads (same prompts): one-sided
-    Wilcoxon signed-rank over categories of the mean excess drop, p < alpha. Effect: mean excess drop (log-odds)
-    with a 95% bootstrap CI over categories."""
-    cats = cross_category["categories"]
-    excess = np.array([_excess(cross_category, a).mean() for a in cats])
-    p = float(wilcoxon(excess, alternative="greater").pvalue) if len(cats) >= 2 else float("nan")
-    lo, hi = bootstrap_ci(excess, n_resamples=suite.n_bootstrap, seed=suite.split_seed)
-    sd = float(excess.std(ddof=1)) if len(excess) > 1 else float("nan")
-    from scipy.stats import t as student_t
+    """PRIMARY. A shared substrate: mean-ablating category A's top-k heads (ranked on all of A's train pairs)
+    lowers the refusal score of the other categories' harmful test prompts more than layer-matched random sets of
+    k heads do. One set-level permutation test: the statistic is the mean over categories of A's drop on its
+    judged off-category prompts; each of ``n_random_per_category`` joint draws gives every category one random set
+    with its count per layer and the same statistic; one-sided Monte-Carlo p = (1 + #draws ≥ observed)/(1 + draws).
+    Effect: observed − mean of the draws (log-odds), 95% bootstrap CI over categories of their excess.
 
-    mde = float(student_t.ppf(1 - suite.alpha, len(excess) - 1) * sd / np.sqrt(len(excess))) if len(excess) > 1 else None
-    claim.result(statistic=float(np.mean(excess)), p_value=p, effect=float(np.mean(excess)), ci=[lo, hi], n=len(cats),
-                 mde=mde, test="Wilcoxon signed-rank over categories, one-sided",
-                 null=f"{suite.n_random_per_category} layer-matched random head sets per category, same prompts")
-    M = np.array([[np.mean([d for d, c in zip(cross_category["ranked"][a], cross_category["prompt_categories"],
-                                              strict=True) if c == b]) for b in cats] for a in cats])
-    claim.record(k=cross_category["k"], excess_by_category=dict(zip(cats, excess.tolist(), strict=True)))
-    claim.uses(cross_category)
+    How it fails: category sets that do no more off-category than random heads of the same layers (category-
+    specific circuits, or heads that matter only where they were ranked) give a draw-like statistic. Eleven
+    categories that are one number repeated count once: the p is over set draws, not over categories. Recorded,
+    not tested: the overlap of the category sets (Jaccard) and the transfer to the own category against the others
+    (prompt-level bootstrap CIs) — a shared substrate transfers about as much to the others as to its own."""
+    cc = cross_category
+    cats = cc["categories"]
+    obs, null = substrate_statistic(cc)
+    test = permutation_pvalue(obs, null, alternative="greater")
+    parts = {"random_head_sets": test.p_value}
+    p = intersection_union_p(parts)
+    excess = np.array([_excess(cc, a).mean() for a in cats])
+    lo, hi = bootstrap_ci(excess, n_resamples=suite.n_bootstrap, seed=suite.split_seed)
+    claim.result(statistic=obs, p_value=p, effect=obs - float(null.mean()), ci=[lo, hi], n=len(cats),
+                 mde=null_detectable_shift(null, suite.alpha, "greater"),
+                 test="Monte-Carlo permutation over joint draws of layer-matched random sets, one-sided",
+                 null=f"{len(null)} joint draws of one layer-matched random head set per category, same prompts")
+    pc = np.array(cc["prompt_categories"])
+    transfer = {}
+    for a in cats:
+        d = np.array(cc["ranked"][a])
+        own, other = d[pc == a], d[pc != a]
+        transfer[a] = {"own": float(own.mean()), "own_ci": list(bootstrap_ci(own, n_resamples=suite.n_bootstrap,
+                                                                             seed=suite.split_seed)),
+                       "other": float(other.mean()), "other_ci": list(bootstrap_ci(
+                           other, n_resamples=suite.n_bootstrap, seed=suite.split_seed)), "n_own": int(own.size)}
+    own_minus_other = np.array([transfer[a]["own"] - transfer[a]["other"] for a in cats])
+    pair_j = [jaccard(cc["rankings"][a], cc["rankings"][b]) for i, a in enumerate(cats) for b in cats[i + 1:]]
+    claim.record(p_parts=parts, k=cc["k"], n_judged_per_category=len(next(iter(cc["judged"].values()))),
+                 excess_by_category=dict(zip(cats, excess.tolist(), strict=True)),
+                 jaccard_between_categories_mean=float(np.mean(pair_j)) if pair_j else None,
+                 jaccard_with_h1_top_k={a: jaccard(cc["rankings"][a], cc["h1_heads"]) for a in cats},
+                 transfer_own_vs_other=transfer, own_minus_other_mean=float(own_minus_other.mean()),
+                 own_minus_other_ci=list(bootstrap_ci(own_minus_other, n_resamples=suite.n_bootstrap,
+                                                      seed=suite.split_seed)))
+    claim.uses(cc)
+    M = np.array([[np.mean([d for d, c in zip(cc["ranked"][a], cc["prompt_categories"], strict=True) if c == b])
+                   for b in cats] for a in cats])
+    J = np.array([[jaccard(cc["rankings"][a], cc["rankings"][b]) for b in cats] for a in cats])
     claim.figure(plots.heatmap(M, cats, cats, "Refusal-score drop: ablate heads of row category, measure column",
                                "measured on", "heads from", colorscale="Reds", zmid=None), "Cross-category ablation matrix")
-    assert p < suite.alpha, f"mean excess drop over layer-matched random heads {np.mean(excess):.3f}: p = {p:.3g}"
+    claim.figure(plots.heatmap(J, cats, cats, "Jaccard overlap of the category head sets", "category", "category",
+                               colorscale="Blues", zmid=None), "Overlap of the category head sets")
+    assert p < suite.alpha, (f"mean off-category drop {obs:.3f} vs joint random draws {null.mean():.3f}: "
+                             f"p = {p:.3g}")
 
 
 def test_category_heads_transfer(cross_category, category, suite, claim):
     """Exploratory. This category's top-k heads lower the other categories' refusal scores more than its
-    layer-matched random head sets do (one-sided Wilcoxon signed-rank over the off-category test prompts)."""
+    layer-matched random head sets do (one-sided Wilcoxon signed-rank over its ``n_substrate_prompts`` judged
+    off-category test prompts, against the mean of its random sets there)."""
     if category not in cross_category["categories"]:
         pytest.skip(f"no train pairs of category {category} to rank heads on")
     ex = _excess(cross_category, category)

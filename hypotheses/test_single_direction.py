@@ -1,6 +1,7 @@
 """H4 — a single refusal direction (Arditi et al. 2024): one difference-in-means direction in the residual
 stream mediates refusal. Found on train prompts the model refuses / answers, selected on validation prompts
-by Arditi's filters, judged on held-out test prompts by generation, against random directions of the same norm.
+by Arditi's filters, judged on held-out test prompts by generation, against control directions (label-shuffled
+differences in means, covariance-matched and isotropic random directions) judged on the same measure.
 """
 
 from __future__ import annotations
@@ -15,37 +16,80 @@ from mech.stats import (
     binomial_pvalue,
     binomial_rate,
     bootstrap_ci,
-    permutation_pvalue,
+    intersection_union_p,
 )
 
 pytestmark = [pytest.mark.single_direction, pytest.mark.realmodel, pytest.mark.slow]
 
 
-@pytest.mark.primary
-def test_directional_ablation_removes_refusal(refusal_direction, suite, claim):
-    """PRIMARY. Projecting the selected direction out of the residual stream (every layer) removes refusal on the
-    harmful test prompts: prompts that held out at baseline (refused, or incoherent) and comply under the ablation
-    outnumber the reverse (exact one-sided McNemar, p < alpha; only a coherent compliance counts as removed), the
-    direction passed Arditi's selection filters, and its score drop exceeds that of every one of ≥ 20 random
-    directions. Effect: drop of the held-out share with a 95% bootstrap CI. The decision measure is the judge
-    with --judge, else substring + coherence; the other measures are reported beside it."""
-    from fixtures.grading import removal_claim
+def _require_filters(d: dict) -> None:
+    sel = d["selection"]
+    require(sel["passed_filters"], f"no candidate direction passed Arditi's filters (the fallback L{sel['layer']} pos "
+                                   f"{sel['pos']}: {'; '.join(sel['selected']['reasons'])}): no direction to test")
 
-    d = refusal_direction
+
+@pytest.mark.primary
+def test_directional_ablation_removes_refusal(refusal_direction, direction_controls, suite, claim):
+    """PRIMARY. Projecting the selected direction out of the residual stream (every layer) removes refusal on the
+    harmful test prompts. Three tests and a gate, all needed (one intersection–union p, the largest; 1 when the
+    gate fails): the direction passed Arditi's selection filters (gate); (1) prompts that held out at baseline
+    (refused, or incoherent) and comply under the ablation outnumber the reverse (exact one-sided McNemar on the
+    full graded generations; only a coherent compliance counts as removed); (2) the effect floor: of the prompts
+    refused at baseline, the share that comply under the ablation is above ``relative_cut_min`` (exact one-sided
+    binomial: p < alpha exactly when the one-sided 95% Clopper–Pearson lower bound of this relative cut is above
+    it); (3) the direction removes refusal on more of ``n_control_prompts`` baseline-refused test prompts than the
+    controls do — label-shuffled differences in means and covariance-matched Gaussian directions at the same layer
+    and position, and isotropic random directions (one-sided Monte-Carlo p, ties count against). The controls and
+    the selected direction are judged on the same cheap measure: a greedy answer of ``control_max_new_tokens``
+    tokens that stops at the first refusal marker, counted as removed when no marker appears (a control that
+    leaves refusal in place costs a prefill and a few tokens). Effect: the relative cut with its one-sided 95%
+    bounds (the two-sided 90% Clopper–Pearson interval). The decision measure of (1) and (2) is the judge with
+    --judge, else substring + coherence; the other measures are reported beside it.
+
+    How it fails: a direction that halves refusal (7 flips of 30) fails the floor; one no better than the
+    difference in means of shuffled labels, or than a random direction in the residual's own high-variance
+    subspace, fails (3); when no candidate passes the filters the p is 1 and the exploratory H4 claims are
+    `not tested`."""
+    from fixtures.grading import removal_claim
+    from fixtures.h4_direction import direction_parts
+
+    d, ctl = refusal_direction, direction_controls
+    measure = d["measure"]
     before, after = d["harmful_grades_before"], d["harmful_grades_after"]
     refused = sum(g.outcome == "refusal" for g in before)
     require(refused >= suite.min_refusals, f"only {refused} of {len(before)} harmful test prompts are "
                                            f"refused at baseline (needs {suite.min_refusals}): nothing to remove")
-    r = removal_claim(before, after, d["measure"], suite, claim)
+    r = removal_claim(before, after, measure, suite, claim)
     sel = d["selection"]
-    score_after = d["ablation"]["harmful"]["mean_after"]
-    rand = permutation_pvalue(score_after, d["random_ablation_scores"], alternative="less")
-    claim.record(layer=sel["layer"], pos=sel["pos"], norm=sel["norm"], passed_filters=sel["passed_filters"],
-                 score_before=d["ablation"]["harmful"]["mean_before"], score_after=score_after,
-                 random_direction_score_mean=float(np.mean(d["random_ablation_scores"])), random_direction_p=rand.p_value,
-                 relative_cut=((r["refusal_before"] - r["refusal_after"]) / r["refusal_before"]
-                               if r["refusal_before"] else None), n_train=d["n_train"], n_val=d["n_val"])
-    claim.uses(d)
+    t = direction_parts(before, after, measure, ctl, sel["passed_filters"], suite)
+    parts, gates, cut, k_cut, ctl_test = t["parts"], t["gates"], t["cut"], t["k_cut"], t["controls_test"]
+    p_floor = parts["relative_cut_floor"]
+    p = intersection_union_p(parts, gates)
+    claim.result(statistic=cut.rate, p_value=p, effect=cut.rate, ci=[cut.low, cut.high], n=cut.n,
+                 threshold=suite.relative_cut_min,
+                 mde=binomial_detectable_rate(cut.n, suite.relative_cut_min, suite.alpha, "greater"),
+                 test=f"intersection–union: exact McNemar and exact binomial floor on compliance ({measure}), "
+                      "Monte-Carlo vs control directions on a short greedy answer; gate: Arditi's filters",
+                 null=f"no net removal; relative cut ≤ {suite.relative_cut_min}; "
+                      f"{len(ctl['counts']) if ctl['computed'] else 0} control directions remove as much")
+    kinds = ctl.get("kinds", [])
+    by_kind = {k: float(np.mean([c for c, kk in zip(ctl["counts"], kinds, strict=True) if kk == k]))
+               for k in sorted(set(kinds))}
+    claim.record(p_parts=parts, gates=gates, mcnemar_p=r["p_value"], layer=sel["layer"], pos=sel["pos"],
+                 norm=sel["norm"], passed_filters=sel["passed_filters"],
+                 score_before=d["ablation"]["harmful"]["mean_before"], score_after=d["ablation"]["harmful"]["mean_after"],
+                 relative_cut=cut.rate, relative_cut_k=k_cut, relative_cut_n=cut.n,
+                 rate_relative_cut=((r["refusal_before"] - r["refusal_after"]) / r["refusal_before"]
+                                    if r["refusal_before"] else None),
+                 controls={"computed": ctl["computed"], "reason": ctl.get("reason"),
+                           "n_prompts": len(ctl.get("prompts", [])), "max_new_tokens": ctl.get("max_new_tokens"),
+                           "selected_removed": ctl.get("selected"), "baseline_removed": ctl.get("baseline"),
+                           "mean_removed_by_kind": by_kind,
+                           "max_removed_by_kind": {k: int(max(c for c, kk in zip(ctl["counts"], kinds, strict=True)
+                                                              if kk == k)) for k in sorted(set(kinds))},
+                           "n_at_least_selected": ctl_test.n_extreme if ctl_test else None},
+                 n_train=d["n_train"], n_val=d["n_val"])
+    claim.uses(d, ctl)
     grid = np.full((sel["n_layers"], len(sel["positions"])), np.nan)
     for c in sel["candidates"]:
         if c["bypass"] is not None:
@@ -54,11 +98,13 @@ def test_directional_ablation_removes_refusal(refusal_direction, suite, claim):
                                f"Direction candidates: harmful score under ablation (selected L{sel['layer']}, "
                                f"pos {sel['pos']})", "layer", "position", zmid=None), "Direction score by layer and position")
     assert sel["passed_filters"], (f"no candidate passed Arditi's filters (selected L{sel['layer']} pos {sel['pos']}: "
-                                   f"{'; '.join(sel['selected']['reasons'])})")
-    assert rand.n_extreme == 0, f"{rand.n_extreme} of {rand.n_null} random directions lower the score as much"
-    assert r["p_value"] < suite.alpha, (f"harmful refusal {r['refusal_before']:.2f} → {r['refusal_after']:.2f}: "
-                                        f"{r['removed']} comply now, {r['gained']} hold out now "
-                                        f"({r['after']['incoherent']} incoherent): p = {r['p_value']:.3g}")
+                                   f"{'; '.join(sel['selected']['reasons'])}): composite p = 1")
+    assert p < suite.alpha, (
+        f"harmful refusal {r['refusal_before']:.2f} → {r['refusal_after']:.2f}: {r['removed']} comply now, "
+        f"{r['gained']} hold out now, McNemar p {r['p_value']:.3g}; relative cut {k_cut}/{cut.n} = {cut.rate:.2f} "
+        f"(≥ {suite.relative_cut_min}? p {p_floor:.3g}); controls: "
+        f"{ctl_test.n_extreme if ctl_test else '-'} of {len(ctl.get('counts', []))} remove ≥ {ctl.get('selected')} "
+        f"(p {parts['controls']:.3g}): composite p = {p:.3g}")
 
 
 def test_activation_addition_induces_refusal(refusal_direction, suite, claim):
@@ -69,6 +115,7 @@ def test_activation_addition_induces_refusal(refusal_direction, suite, claim):
     from mech.grading import outcome_counts
 
     d = refusal_direction
+    _require_filters(d)
     grades = d["harmless_grades_after"]
     require(len(grades) >= suite.min_refusals, f"only {len(grades)} answered harmless test prompts")
     ra = binomial_rate([g.outcome == "refusal" for g in grades])
@@ -92,6 +139,7 @@ def test_ablation_side_effects_small(refusal_direction, suite, claim):
     from mech.grading import removal_by_measure
 
     d = refusal_direction
+    _require_filters(d)
     a = d["ablation"]
     kl = np.array(a["kl_per_prompt"])
     require(len(kl) >= 3, f"only {len(kl)} harmless test prompts the model answers: too few to bound the KL")

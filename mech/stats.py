@@ -12,12 +12,16 @@ store it next to the claim it supports.
 * :func:`adjust_pvalues` — Holm (step-down, by hand) or Benjamini–Hochberg (``false_discovery_control``).
 * :func:`spearman` — rank agreement (``spearmanr``).
 * :func:`auroc` — AUROC from the Mann–Whitney U statistic with its p-value.
+* :func:`bootstrap_pvalue` — a one-sided bootstrap p of a mean against a null value (the bootstrap distribution
+  of :func:`scipy.stats.bootstrap`): p < alpha exactly when the one-sided (1 − alpha) percentile bound excludes it.
+* :func:`intersection_union_p` — the one p of a claim that ANDs several tests: the max of their p-values, 1 when a
+  gating condition fails or a part is NaN.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
@@ -38,8 +42,10 @@ __all__ = [
     "binomial_pvalue",
     "binomial_rate",
     "bootstrap_ci",
+    "bootstrap_pvalue",
     "fields_dict",
     "holm",
+    "intersection_union_p",
     "jsonable",
     "mcnemar_detectable_flips",
     "mcnemar_exact",
@@ -346,3 +352,50 @@ def null_detectable_shift(null: Sequence[float], alpha: float, alternative: Lite
         return math.nan
     q = arr[arr.size - 1 - m] if alternative == "greater" else arr[m]
     return float(q - arr.mean())
+
+
+def bootstrap_pvalue(
+    samples: Sequence[float], null_value: float = 0.0, alternative: Literal["greater", "less"] = "greater",
+    n_resamples: int = 2000, seed: int = 0,
+) -> float:
+    """One-sided bootstrap p-value of the mean of ``samples`` against ``null_value``: the share of the bootstrap
+    distribution of the mean (:func:`scipy.stats.bootstrap`, ``n_resamples`` resamples) on the null side of
+    ``null_value``, +1 corrected: ``(1 + #{mean* <= null_value}) / (1 + n_resamples)`` for ``greater`` (``>=`` for
+    ``less``). It is below alpha exactly when the one-sided percentile bound at level 1 − alpha excludes the null
+    value, so a claim that needs "the CI excludes no effect" can enter a composite p with it. NaN values are
+    dropped; fewer than 3 values (or all equal) give 1 unless every value lies strictly on the claimed side."""
+    x = np.asarray(list(samples), dtype=float)
+    x = x[~np.isnan(x)]
+    if alternative not in ("greater", "less"):
+        raise ValueError(f"unknown alternative {alternative!r}; use greater or less")
+    sign = 1.0 if alternative == "greater" else -1.0
+    if x.size == 0:
+        return 1.0
+    if x.size < 3 or np.ptp(x) == 0:
+        return 1.0 / (1 + n_resamples) if bool(np.all(sign * (x - null_value) > 0)) else 1.0
+    res = _st.bootstrap((x,), np.mean, vectorized=True, n_resamples=n_resamples, method="percentile",
+                        rng=np.random.default_rng(seed))
+    dist = np.asarray(res.bootstrap_distribution, dtype=float)
+    at_null = int((sign * (dist - null_value) <= 0).sum())
+    return (1 + at_null) / (1 + dist.size)
+
+
+def intersection_union_p(parts: Mapping[str, float], gates: Mapping[str, bool] | None = None) -> float:
+    """The p-value of a claim that holds only if every one of its tests rejects (an intersection–union test,
+    Berger 1982): the largest of the parts' p-values. It is 1.0 when any gate (a condition with no p-value, e.g.
+    "the direction passed the selection filters") is False, when a part is NaN or None (a test that could not be
+    computed never supports a claim), and when there are no parts. Rejecting at alpha when this p < alpha keeps
+    the claim's size at alpha without a multiplicity correction, because the claim's null is the union of the
+    parts' nulls."""
+    if gates is not None and not all(bool(g) for g in gates.values()):
+        return 1.0
+    if not parts:
+        return 1.0
+    ps = []
+    for name, p in parts.items():
+        if p is None or not math.isfinite(float(p)):
+            return 1.0
+        if not 0.0 <= float(p) <= 1.0:
+            raise ValueError(f"intersection_union_p: part {name!r} is not a p-value: {p}")
+        ps.append(float(p))
+    return max(ps)

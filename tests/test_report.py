@@ -24,7 +24,9 @@ VERDICTS = {"supported", "NOT supported", "error", "not tested"}
 # every fixture and claim runs on a tiny random model: the refusal gate is opened and the null sizes shrunk
 TINY_SET = ["--set", "min_refusals=0", "--set", "gate_separation=false", "--set", "n_random_primary=5",
             "--set", "n_probe_shuffles=10", "--set", "n_label_shuffles=10", "--set", "n_random_directions=3",
-            "--set", "n_bootstrap=200", "--set", "n_random_curve=2", "--set", "n_random_per_category=1"]
+            "--set", "n_bootstrap=200", "--set", "n_random_curve=2", "--set", "n_random_per_category=3",
+            "--set", "n_substrate_prompts=3", "--set", "n_cov_directions=2", "--set", "n_shuffled_directions=2",
+            "--set", "n_control_prompts=3", "--set", "control_max_new_tokens=3", "--set", "n_random_addition=2"]
 
 
 def _claim_functions() -> set[str]:

@@ -14,7 +14,10 @@ from mech.stats import (
     auroc,
     benjamini_hochberg,
     binomial_rate,
+    bootstrap_ci,
+    bootstrap_pvalue,
     holm,
+    intersection_union_p,
     jsonable,
     mcnemar_exact,
     permutation_pvalue,
@@ -130,3 +133,42 @@ def test_detectable_effects():
     null = list(range(100))  # mean 49.5; with 100 draws at most 4 as extreme keeps p = 5/101 < 0.05
     assert null_detectable_shift(null, 0.05, "less") == pytest.approx(4 - 49.5)
     assert null_detectable_shift(null[:10], 0.05, "less") != null_detectable_shift(null[:10], 0.05, "less")  # NaN
+
+
+def test_intersection_union_p_is_the_max_and_fails_closed():
+    """The composite p of a claim that ANDs tests: the largest part; 1 when a gate fails, a part is NaN or None,
+    or there is no part; a value outside [0, 1] is a bug, not a p."""
+    assert intersection_union_p({"mc": 0.01, "bound": 0.03}) == 0.03
+    assert intersection_union_p({"mc": 0.01, "bound": 0.03}, {"filters": True, "refused": True}) == 0.03
+    assert intersection_union_p({"mc": 0.001}, {"filters": False}) == 1.0
+    assert intersection_union_p({"mc": 0.001, "floor": math.nan}) == 1.0
+    assert intersection_union_p({"mc": 0.001, "floor": None}) == 1.0  # type: ignore[dict-item]
+    assert intersection_union_p({}) == 1.0
+    assert intersection_union_p({"one": 0.2}) == 0.2
+    with pytest.raises(ValueError, match="not a p-value"):
+        intersection_union_p({"x": 1.5})
+
+
+def test_bootstrap_pvalue_agrees_with_the_one_sided_bound():
+    """p < alpha exactly when the one-sided (1 - alpha) percentile bound excludes the null value; a sample
+    centred on the null is not rejected, one far from it is, in the stated direction only."""
+    rng = np.random.default_rng(1)
+    shifted = rng.normal(0.5, 1.0, 40)
+    p = bootstrap_pvalue(shifted, 0.0, "greater", n_resamples=2000, seed=0)
+    lo, _ = bootstrap_ci(shifted, confidence=0.90, n_resamples=2000, seed=0)  # its lower bound is the 5% quantile
+    assert (p < 0.05) == (lo > 0)
+    assert bootstrap_pvalue(shifted, 0.0, "less", seed=0) > 0.5
+    assert bootstrap_pvalue(-shifted, 0.0, "less", seed=0) == pytest.approx(p)
+    assert bootstrap_pvalue([0.1, -0.1, 0.2, -0.2, 0.0], 0.0, "greater") > 0.2
+    assert bootstrap_pvalue([1.0, 1.0], 0.0, "greater", n_resamples=99) == 0.01  # too few to resample: all beyond
+    assert bootstrap_pvalue([1.0, -1.0], 0.0, "greater") == 1.0
+    assert bootstrap_pvalue([], 0.0) == 1.0 and bootstrap_pvalue([math.nan] * 4) == 1.0
+    with pytest.raises(ValueError, match="alternative"):
+        bootstrap_pvalue([1.0, 2.0, 3.0], 0.0, "two-sided")  # type: ignore[arg-type]
+
+
+def test_bootstrap_pvalue_holds_its_size_where_there_is_nothing_to_find():
+    rng = np.random.default_rng(2)
+    rejections = sum(bootstrap_pvalue(rng.normal(0, 1, 30), 0.0, "greater", n_resamples=500, seed=i) < 0.05
+                     for i in range(200))
+    assert rejections / 200 <= 0.05 + 3 * math.sqrt(0.05 * 0.95 / 200) + 0.03  # percentile bootstrap runs a little hot
