@@ -41,7 +41,8 @@ def test_harmfulness_decodable_early(layer_probe, lm, suite, claim):
     test = permutation_pvalue(acc.rate, null, alternative="greater")
     claim.result(statistic=acc.rate, p_value=test.p_value, effect=acc.rate - null.mean(),
                  ci=[acc.low - null.mean(), acc.high - null.mean()], n=acc.n,
-                 mde=null_detectable_shift(null, suite.alpha, "greater"), test="Monte-Carlo permutation, one-sided",
+                 mde=null_detectable_shift(null, suite.alpha, "greater"), unit="accuracy − shuffled mean",
+                 test="Monte-Carlo permutation, one-sided",
                  null=f"{len(null)} probes fit on shuffled train labels")
     claim.record(layer=L, chosen_on="validation", first_third=third, val_accuracy=val[L],
                  shuffled_mean=float(null.mean()))
@@ -49,7 +50,10 @@ def test_harmfulness_decodable_early(layer_probe, lm, suite, claim):
     n = lm.shape.n_layers
     claim.figure(plots.curve(list(range(n)), {"test accuracy": layer_probe["test_accuracy"], "validation accuracy": val,
                                               "shuffled labels (mean)": np.array(layer_probe["null_accuracy"]).mean(0).tolist()},
-                             "Linear probe for harmfulness by layer", "layer", "accuracy"), "Probe accuracy by layer")
+                             "Linear probe for harmfulness by layer", "layer",
+                             "accuracy (share of test prompts)"), "Probe accuracy by layer",
+                 caption="Contradicted when, at the early layer chosen on validation (first third of the depth), the "
+                         "test accuracy is not above the shuffled-label curve.")
     assert test.p_value < suite.alpha, f"layer {L}: test accuracy {acc.rate:.2f} vs shuffled {null.mean():.2f}, p = {test.p_value:.3g}"
 
 
@@ -68,6 +72,7 @@ def test_harmfulness_stays_decodable(layer_probe, late_layer, lm, suite, claim):
     claim.result(statistic=acc.rate, p_value=ps[layers.index(late_layer)], effect=acc.rate - suite.probe_min,
                  ci=[acc.low - suite.probe_min, acc.high - suite.probe_min], n=acc.n, threshold=suite.probe_min,
                  mde=binomial_detectable_rate(acc.n, suite.probe_min, suite.alpha, "greater") - suite.probe_min,
+                 unit=f"accuracy − {suite.probe_min}",
                  test="exact binomial, one-sided, Holm across late layers", null=f"accuracy ≤ {suite.probe_min}")
     claim.record(layer=late_layer, p_holm_layers=adj)
     claim.uses(layer_probe)
@@ -92,18 +97,22 @@ def test_resid_patching_rises_in_middle_band(layer_patching, head_patching, lm, 
     idx = np.arange(per_pair.shape[0])
     lo, hi = bootstrap_ci(idx, lambda i: _first_reaching(np.nanmean(per_pair[i.astype(int)], 0), suite.rise_level),
                           n_resamples=suite.n_bootstrap, seed=suite.split_seed)
-    claim.result(statistic=first, effect=first, ci=[lo, hi], n=per_pair.shape[0], threshold=band,
+    claim.result(statistic=first, effect=first, ci=[lo, hi], n=per_pair.shape[0], threshold=band, unit="layer index",
                  test="first layer reaching the level, bootstrap CI over pairs", null="the CI must lie inside the band")
     grid = res.as_array("layer", "component", where={"position": "all"})
     claim.record(resid_effect_by_layer=np.nanmean(per_pair, 0).tolist())
     claim.uses(layer_patching)
     claim.figure(plots.heatmap(grid.T, list(range(n)), comps, "Exact patching harmful → harmless (normalized effect)",
-                               "layer", "component"), "Layer × component patching")
+                               "layer", "component", z_title="normalized effect (0 none, 1 full)"),
+                 "Layer × component patching",
+                 caption="Contradicted when the resid_pre row first reaches 0.5 outside the middle band [n/4, 3n/4) "
+                         "of the layers, or never.")
     hp = PatchResult.from_dict(head_patching)
     hg = hp.as_array("layer", "head", where={"position": "all"})
     claim.figure(plots.heatmap(hg, list(range(hg.shape[1])), list(range(hg.shape[0])),
-                               "Exact head patching harmful → harmless (normalized effect)", "head", "layer"),
-                 "Layer × head patching")
+                               "Exact head patching harmful → harmless (normalized effect)", "head", "layer",
+                               z_title="normalized effect (0 none, 1 full)"),
+                 "Layer × head patching", caption="Descriptive, per head; the claim is decided on the resid_pre row.")
     assert np.isfinite(lo) and np.isfinite(hi) and band[0] <= lo and hi < band[1], (
         f"first layer reaching {suite.rise_level}: {first} (95% CI {lo}–{hi}), band [{band[0]}, {band[1]})")
 
@@ -124,10 +133,13 @@ def test_late_blocks_write_refusal(layer_probe, lm, suite, claim):
     late = share(idx)
     lo, hi = bootstrap_ci(idx, share, n_resamples=suite.n_bootstrap, seed=suite.split_seed)
     claim.result(statistic=late, effect=late, ci=[lo, hi], n=len(idx), threshold=suite.late_share_min,
+                 unit="share of |DLA| in the last third",
                  test="share of |mean DLA difference|, bootstrap CI over pairs", null="the lower bound must reach the threshold")
     claim.record(late_layers=[n - n // 3, n - 1])
     claim.uses(layer_probe)
     claim.figure(plots.heatmap(np.array(dla["delta"]).T, list(range(n)), ["attn", "mlp"],
-                               "Direct logit attribution to refusal tokens, harmful − harmless", "layer", "block"),
-                 "Direct effect by layer")
+                               "Direct logit attribution to refusal tokens, harmful − harmless", "layer", "block",
+                               z_title="Δ DLA (logits)"),
+                 "Direct effect by layer", caption="Contradicted when the last third of the layers holds less than half "
+                                                   "of the total |harmful − harmless| attribution (lower 95% bound).")
     assert lo >= suite.late_share_min, f"last third holds {late:.2f} (95% CI {lo:.2f}–{hi:.2f}) < {suite.late_share_min}"
