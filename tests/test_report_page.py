@@ -88,7 +88,7 @@ def test_page_structure_and_words(tmp_path: Path):
     assert "harmful refusal 3/16 = 0.19: p = 1 against 0.8" in text
     assert "assert … == 1" in text  # a bare assert's object repr is cut
     # counts per verdict, the four verdicts only: 2 supported, 3 NOT supported, 1 error, 1 not tested of 8
-    counts = re.search(r'<table class="counts">.*?</table>', page, re.S).group(0)
+    counts = re.findall(r'<table class="counts">.*?</table>', page, re.S)[0]
     assert [re.sub(r"<[^>]+>", "", c) for c in re.findall(r"<td>(.*?)</td>", counts)][-6:] == \
         ["all", "3", "3", "1", "1", "8"]
     # effects with CI and unit; the primaries' Holm p; the family's corrected p and its correction named
@@ -98,7 +98,7 @@ def test_page_structure_and_words(tmp_path: Path):
     figs = re.findall(r'<figure class="mech-figure">.*?</figure>', page, re.S)
     assert len(figs) == 3 and all("<figcaption>" in f for f in figs)
     assert "Forest plot of the primary claims" in figs[0] and "Contradicted when the line stays flat." in figs[1]
-    forest = json.loads(re.search(r'id="fig1-json">(.*?)</script>', page, re.S).group(1))
+    forest = json.loads(re.findall(r'id="fig1-json">(.*?)</script>', page, re.S)[0])
     assert len([t for t in forest["data"] if t.get("mode") == "markers"]) == 4  # 4 primaries have an effect
     assert "log-odds" in json.dumps(forest["layout"])  # each row's axis names its unit
     assert page.count("plotly.js v") <= 2 and not re.search(r"<script[^>]+src=", page)  # inlined once, offline
