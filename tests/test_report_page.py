@@ -45,6 +45,8 @@ def _findings(**run: Any) -> dict[str, Any]:
           for i, (v, e, p) in enumerate([("supported", 0.3, 0.01), ("NOT supported", 0.02, 0.4)], 1)],
         _claim("test_transfer", "H3", "NOT supported", True, effect=-0.2, ci=[-0.5, 0.1], n=11, p_value=0.7,
                message="assert <fixtures.report.Claim object at 0x7f00deadbeef> == 1"),
+        *[_claim(f"test_by_category[{c}]", "H4", "not tested", message=f"{c}: n = 8 is too small")
+          for c in ("fraud", "theft")],
         _claim("test_direction", "H4", "supported", True, effect=0.9, ci=[0.8, 1.0], n=33, p_value=1e-5,
                p_adjusted=5e-5),
     ]
@@ -87,10 +89,13 @@ def test_page_structure_and_words(tmp_path: Path):
     assert "object at 0x" not in _visible(outside) and "Traceback" not in _visible(outside)
     assert "harmful refusal 3/16 = 0.19: p = 1 against 0.8" in text
     assert "assert … == 1" in text  # a bare assert's object repr is cut
-    # counts per verdict, the four verdicts only: 2 supported, 3 NOT supported, 1 error, 1 not tested of 8
+    # counts per verdict, the four verdicts only: 3 supported, 3 NOT supported, 1 error, 3 not tested of 10
     counts = re.findall(r'<table class="counts">.*?</table>', page, re.S)[0]
     assert [re.sub(r"<[^>]+>", "", c) for c in re.findall(r"<td>(.*?)</td>", counts)][-6:] == \
-        ["all", "3", "3", "1", "1", "8"]
+        ["all", "3", "3", "1", "3", "10"]
+    # a family none of whose members could be tested is one row, its members' reasons inside
+    assert 'id="c-hypotheses-test-H4-py-test-by-category-fraud"' not in page
+    assert "fraud: n = 8 is too small" in text and "test_by_category[theft]" in text
     # effects with CI and unit; the primaries' Holm p; the family's corrected p and its correction named
     assert "-0.61 [-0.8, -0.4] refusal rate − 0.8" in text
     assert "Holm within the family" in page and "0.8" in text
