@@ -42,7 +42,7 @@ def _findings(**run: Any) -> dict[str, Any]:
         _claim("test_probe", "H2", "not tested", True, message="too few prompts"),
         *[_claim(f"test_per_layer[layer{i}]", "H2", v, effect=e, ci=[e - 0.1, e + 0.1], n=40, p_value=p,
                  p_adjusted=min(1.0, p * 2), correction="Holm within the family", family="test_per_layer")
-          for i, (v, e, p) in enumerate([("supported", 0.3, 0.01), ("NOT supported", 0.02, 0.4)], 1)],
+          for i, (v, e, p) in zip((10, 9), [("supported", 0.3, 0.01), ("NOT supported", 0.02, 0.4)], strict=True)],
         _claim("test_transfer", "H3", "NOT supported", True, effect=-0.2, ci=[-0.5, 0.1], n=11, p_value=0.7,
                message="assert <fixtures.report.Claim object at 0x7f00deadbeef> == 1"),
         *[_claim(f"test_by_category[{c}]", "H4", "not tested", message=f"{c}: n = 8 is too small")
@@ -96,6 +96,7 @@ def test_page_structure_and_words(tmp_path: Path):
     # a family none of whose members could be tested is one row, its members' reasons inside
     assert 'id="c-hypotheses-test-H4-py-test-by-category-fraud"' not in page
     assert "fraud: n = 8 is too small" in text and "test_by_category[theft]" in text
+    assert page.index("test-per-layer-layer9") < page.index("test-per-layer-layer10")  # layers in numeric order
     # effects with CI and unit; the primaries' Holm p; the family's corrected p and its correction named
     assert "-0.61 [-0.8, -0.4] refusal rate − 0.8" in text
     assert "Holm within the family" in page and "0.8" in text
