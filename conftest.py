@@ -44,9 +44,10 @@ def pytest_configure(config: pytest.Config) -> None:
         return
     if any(Path(a.split("::")[0]).resolve().is_relative_to(ROOT / "hypotheses") for a in args if a):
         if hasattr(config.option, "htmlpath") and not config.option.htmlpath:
-            # written under a temporary name, then moved to hypotheses.html (a complete run) or
-            # hypotheses.partial.html (anything less) by fixtures/report.py, so a partial run never overwrites
-            # the last complete report
+            # pytest-html's test log, written under a temporary name, then moved to pytest-log.html (a complete
+            # run) or pytest-log.partial.html (anything less) by fixtures/report.py, which writes the report
+            # itself (hypotheses.html / hypotheses.partial.html, fixtures/report_html.py), so a partial run never
+            # overwrites the last complete report
             config.option.htmlpath = str(Path(os.environ.get("MECH_REPORTS_DIR", ROOT / "reports")) / ".hypotheses.inprogress.html")
             config.option.self_contained_html = True
 

@@ -55,6 +55,7 @@ def test_read_early_moved_later(layer_probe, layer_patching, lm, suite, claim):
     lo, hi = bootstrap_ci(contrast[np.isfinite(contrast)], n_resamples=suite.n_bootstrap, seed=suite.split_seed)
     claim.result(statistic=float(np.nanmean(contrast)), p_value=p, effect=float(np.nanmean(contrast)), ci=[lo, hi],
                  n=int(np.isfinite(contrast).sum()), threshold=[suite.moved_max, suite.rise_level],
+                 unit="normalized patching effect (later layer − read layer)",
                  test="intersection–union: probe vs shuffled labels (Monte-Carlo), Wilcoxon signed-rank at L1 "
                       "(less) and at the later layer (greater)",
                  null=f"{len(null)} shuffled-label probes; patching effect ≥ {suite.moved_max} at L1 or ≤ "
@@ -68,7 +69,10 @@ def test_read_early_moved_later(layer_probe, layer_patching, lm, suite, claim):
                                               "shuffled labels (mean)": np.array(layer_probe["null_accuracy"]).mean(0).tolist(),
                                               "resid_pre patching effect": np.nanmean(eff, 0).tolist()},
                              "Read (probe accuracy) and moved (patching effect) by layer", "layer", "accuracy / effect"),
-                 "Probe accuracy and patching effect by layer")
+                 "Probe accuracy and patching effect by layer",
+                 caption="Contradicted when the early read layer's test accuracy is not above the shuffled-label "
+                         "curve, when patching resid_pre there already moves refusal, or when patching at the later "
+                         "layer does not move it.")
     assert p < suite.alpha, (
         f"read at L{L1}: accuracy {acc.rate:.2f} vs shuffled {null.mean():.2f} (p {parts['read_at_L1']:.3g}); "
         f"patching effect at L{L1} {np.nanmean(e1):.2f} (< {suite.moved_max}? p {parts['not_moved_at_L1']:.3g}), "
@@ -90,6 +94,7 @@ def test_harmfulness_stays_decodable(layer_probe, late_layer, lm, suite, claim):
     claim.result(statistic=acc.rate, p_value=ps[layers.index(late_layer)], effect=acc.rate - suite.probe_min,
                  ci=[acc.low - suite.probe_min, acc.high - suite.probe_min], n=acc.n, threshold=suite.probe_min,
                  mde=binomial_detectable_rate(acc.n, suite.probe_min, suite.alpha, "greater") - suite.probe_min,
+                 unit=f"accuracy − {suite.probe_min}",
                  test="exact binomial, one-sided, Holm across late layers", null=f"accuracy ≤ {suite.probe_min}")
     claim.record(layer=late_layer, p_holm_layers=adj)
     claim.uses(layer_probe)
@@ -116,18 +121,22 @@ def test_resid_patching_rises_in_middle_band(layer_patching, head_patching, lm, 
     idx = np.arange(per_pair.shape[0])
     lo, hi = bootstrap_ci(idx, lambda i: _first_reaching(np.nanmean(per_pair[i.astype(int)], 0), suite.rise_level),
                           n_resamples=suite.n_bootstrap, seed=suite.split_seed)
-    claim.result(statistic=first, effect=first, ci=[lo, hi], n=per_pair.shape[0], threshold=band,
+    claim.result(statistic=first, effect=first, ci=[lo, hi], n=per_pair.shape[0], threshold=band, unit="layer index",
                  test="first layer reaching the level, bootstrap CI over pairs", null="the CI must lie inside the band")
     grid = res.as_array("layer", "component", where={"position": "all"})
     claim.record(resid_effect_by_layer=np.nanmean(per_pair, 0).tolist())
     claim.uses(layer_patching)
     claim.figure(plots.heatmap(grid.T, list(range(n)), comps, "Exact patching harmful → harmless (normalized effect)",
-                               "layer", "component"), "Layer × component patching")
+                               "layer", "component", z_title="normalized effect (0 none, 1 full)"),
+                 "Layer × component patching",
+                 caption="Contradicted when the resid_pre row first reaches 0.5 outside the middle band [n/4, 3n/4) "
+                         "of the layers, or never.")
     hp = PatchResult.from_dict(head_patching)
     hg = hp.as_array("layer", "head", where={"position": "all"})
     claim.figure(plots.heatmap(hg, list(range(hg.shape[1])), list(range(hg.shape[0])),
-                               "Exact head patching harmful → harmless (normalized effect)", "head", "layer"),
-                 "Layer × head patching")
+                               "Exact head patching harmful → harmless (normalized effect)", "head", "layer",
+                               z_title="normalized effect (0 none, 1 full)"),
+                 "Layer × head patching", caption="Descriptive, per head; the claim is decided on the resid_pre row.")
     assert np.isfinite(lo) and np.isfinite(hi) and band[0] <= lo and hi < band[1], (
         f"first layer reaching {suite.rise_level}: {first} (95% CI {lo}–{hi}), band [{band[0]}, {band[1]})")
 
@@ -148,10 +157,13 @@ def test_late_blocks_write_refusal(layer_probe, lm, suite, claim):
     late = share(idx)
     lo, hi = bootstrap_ci(idx, share, n_resamples=suite.n_bootstrap, seed=suite.split_seed)
     claim.result(statistic=late, effect=late, ci=[lo, hi], n=len(idx), threshold=suite.late_share_min,
+                 unit="share of |DLA| in the last third",
                  test="share of |mean DLA difference|, bootstrap CI over pairs", null="the lower bound must reach the threshold")
     claim.record(late_layers=[n - n // 3, n - 1])
     claim.uses(layer_probe)
     claim.figure(plots.heatmap(np.array(dla["delta"]).T, list(range(n)), ["attn", "mlp"],
-                               "Direct logit attribution to refusal tokens, harmful − harmless", "layer", "block"),
-                 "Direct effect by layer")
+                               "Direct logit attribution to refusal tokens, harmful − harmless", "layer", "block",
+                               z_title="Δ DLA (logits)"),
+                 "Direct effect by layer", caption="Contradicted when the last third of the layers holds less than half "
+                                                   "of the total |harmful − harmless| attribution (lower 95% bound).")
     assert lo >= suite.late_share_min, f"last third holds {late:.2f} (95% CI {lo:.2f}–{hi:.2f}) < {suite.late_share_min}"

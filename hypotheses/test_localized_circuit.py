@@ -44,6 +44,7 @@ def test_ranked_heads_beat_layer_matched_random(circuit_ablation, top_head_atten
     p_comp = intersection_union_p(parts)
     claim.result(statistic=d_ranked, p_value=p_comp, effect=float(per_prompt.mean()), ci=[lo, hi],
                  n=len(base), mde=null_detectable_shift(d_null, suite.alpha, "less"),
+                 unit="log-odds (ranked − random)",
                  test="intersection–union: Monte-Carlo permutation over head sets and bootstrap over prompts, "
                       "both one-sided",
                  null=f"{len(d_null)} layer-matched random head sets of {c['k']}; no per-prompt effect")
@@ -56,10 +57,15 @@ def test_ranked_heads_beat_layer_matched_random(circuit_ablation, top_head_atten
                                   "layer-matched random heads (mean)": [float(np.mean(p["random_mean"]) - base.mean())
                                                                          for p in c["curve"]]},
                              "Cumulative head ablation: change of the harmful refusal score", "k heads ablated",
-                             "Δ mean log-odds"), "Cumulative ablation curve")
-    claim.figure(plots.circuit(c["heads"]), "Circuit: the top-k heads by layer")
+                             "Δ mean refusal score (log-odds)"), "Cumulative ablation curve",
+                 caption="Contradicted when the top-k curve does not fall below the layer-matched random curve at the "
+                         "claim's k: the ranked heads lower the harmful refusal score no more than random heads do.")
+    claim.figure(plots.circuit(c["heads"]), "Circuit: the top-k heads by layer",
+                 caption="Where the ranked heads sit (layer, head index); descriptive, the claim is decided by ablation.")
     claim.figure(plots.attention_grid(top_head_attention, ["harmful", "harmless twin"]),
-                 "Attention patterns of the top-3 heads on a harmful prompt and its harmless twin (last 12 tokens)")
+                 "Attention patterns of the top-3 heads on a harmful prompt and its harmless twin (last 12 tokens)",
+                 caption="Descriptive (attention weight 0–1, query rows, key columns): what the top heads read; "
+                         "nothing here decides the claim.")
     assert p_comp < suite.alpha, (
         f"top-{c['k']} Δ = {d_ranked:.3f} vs layer-matched random {d_null.mean():.3f} (p over sets "
         f"{test.p_value:.3g}); per-prompt effect {per_prompt.mean():.3f} (95% CI {lo:.3f}–{hi:.3f}, p over prompts "
@@ -79,6 +85,7 @@ def test_small_set_reaches_half_of_all_heads(circuit_ablation, suite, claim):
     share = ratio(base, ranked, every)
     lo, hi = bootstrap_ci((base, ranked, every), ratio, n_resamples=suite.n_bootstrap, seed=suite.split_seed)
     claim.result(statistic=share, effect=share, ci=[lo, hi], n=len(base), threshold=suite.localization_share,
+                 unit="Δ(top-k) / Δ(all heads)",
                  test="ratio of mean drops, paired bootstrap CI", null="the claim needs the lower bound ≥ the threshold")
     claim.record(delta_top_k=float((ranked - base).mean()), delta_all_heads=float((every - base).mean()), k=c["k"])
     claim.uses(c)

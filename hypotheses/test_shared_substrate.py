@@ -60,7 +60,7 @@ def test_heads_transfer_beyond_random(cross_category, suite, claim):
     excess = np.array([_excess(cc, a).mean() for a in cats])
     lo, hi = bootstrap_ci(excess, n_resamples=suite.n_bootstrap, seed=suite.split_seed)
     claim.result(statistic=obs, p_value=p, effect=obs - float(null.mean()), ci=[lo, hi], n=len(cats),
-                 mde=null_detectable_shift(null, suite.alpha, "greater"),
+                 mde=null_detectable_shift(null, suite.alpha, "greater"), unit="log-odds (excess drop over random)",
                  test="Monte-Carlo permutation over joint draws of layer-matched random sets, one-sided",
                  null=f"{len(null)} joint draws of one layer-matched random head set per category, same prompts")
     pc = np.array(cc["prompt_categories"])
@@ -86,9 +86,15 @@ def test_heads_transfer_beyond_random(cross_category, suite, claim):
                    for b in cats] for a in cats])
     J = np.array([[jaccard(cc["rankings"][a], cc["rankings"][b]) for b in cats] for a in cats])
     claim.figure(plots.heatmap(M, cats, cats, "Refusal-score drop: ablate heads of row category, measure column",
-                               "measured on", "heads from", colorscale="Reds", zmid=None), "Cross-category ablation matrix")
+                               "measured on", "heads from", colorscale="Reds", zmid=None,
+                               z_title="refusal-score drop (log-odds)"), "Cross-category ablation matrix",
+                 caption="Contradicted when the off-diagonal drops are no larger than those of layer-matched random "
+                         "heads on the same prompts (the joint draws in the numbers).")
     claim.figure(plots.heatmap(J, cats, cats, "Jaccard overlap of the category head sets", "category", "category",
-                               colorscale="Blues", zmid=None), "Overlap of the category head sets")
+                               colorscale="Blues", zmid=None, z_title="Jaccard index (0–1)"),
+                 "Overlap of the category head sets",
+                 caption="Descriptive: high overlap everywhere means the category sets are largely one set; the claim "
+                         "is decided by the joint random draws.")
     assert p < suite.alpha, (f"mean off-category drop {obs:.3f} vs joint random draws {null.mean():.3f}: "
                              f"p = {p:.3g}")
 
@@ -103,6 +109,7 @@ def test_category_heads_transfer(cross_category, category, suite, claim):
     p = float(wilcoxon(ex, alternative="greater").pvalue)
     lo, hi = bootstrap_ci(ex, n_resamples=suite.n_bootstrap, seed=suite.split_seed)
     claim.result(statistic=float(ex.mean()), p_value=p, effect=float(ex.mean()), ci=[lo, hi], n=len(ex),
+                 unit="log-odds (excess drop over random)",
                  test="Wilcoxon signed-rank over off-category prompts, one-sided", null="layer-matched random heads")
     claim.record(heads=cross_category["rankings"][category])
     claim.uses(cross_category)
@@ -147,6 +154,7 @@ def test_category_map_is_specific(map_specificity, atp_noise, category, suite, c
         pytest.skip(f"no train pairs of category {category}")
     m = map_specificity[category]
     claim.result(statistic=m["rho"], p_value=m["test"].p_value, effect=m["rho"] - m["null_mean"], n=m["test"].n_null,
+                 unit="Spearman ρ − shuffled mean",
                  test="Spearman ρ vs shuffled category labels (permutation, one-sided less), Holm across categories",
                  null=f"{m['test'].n_null} random subsets of the same size (shuffled category labels)")
     claim.record(p_holm=m["p_holm"], shuffled_mean_rho=m["null_mean"])

@@ -66,7 +66,7 @@ def test_directional_ablation_removes_refusal(refusal_direction, direction_contr
     p_floor = parts["relative_cut_floor"]
     p = intersection_union_p(parts, gates)
     claim.result(statistic=cut.rate, p_value=p, effect=cut.rate, ci=[cut.low, cut.high], n=cut.n,
-                 threshold=suite.relative_cut_min,
+                 threshold=suite.relative_cut_min, unit="relative cut of held-out refusal (share)",
                  mde=binomial_detectable_rate(cut.n, suite.relative_cut_min, suite.alpha, "greater"),
                  test=f"intersection–union: exact McNemar and exact binomial floor on compliance ({measure}), "
                       "Monte-Carlo vs control directions on a short greedy answer; gate: Arditi's filters",
@@ -96,7 +96,11 @@ def test_directional_ablation_removes_refusal(refusal_direction, direction_contr
             grid[c["layer"], sel["positions"].index(c["pos"])] = c["bypass"]
     claim.figure(plots.heatmap(grid.T, list(range(sel["n_layers"])), [str(p) for p in sel["positions"]],
                                f"Direction candidates: harmful score under ablation (selected L{sel['layer']}, "
-                               f"pos {sel['pos']})", "layer", "position", zmid=None), "Direction score by layer and position")
+                               f"pos {sel['pos']})", "layer", "position", zmid=None,
+                               z_title="harmful refusal score (log-odds)"), "Direction score by layer and position",
+                 caption="Each candidate direction's harmful refusal score under ablation (lower is stronger). "
+                         "Contradicted when no candidate passes the filters, when random directions lower the score "
+                         "as much, or when generations do not lose their refusals.")
     assert sel["passed_filters"], (f"no candidate passed Arditi's filters (selected L{sel['layer']} pos {sel['pos']}: "
                                    f"{'; '.join(sel['selected']['reasons'])}): composite p = 1")
     assert p < suite.alpha, (
@@ -123,6 +127,7 @@ def test_activation_addition_induces_refusal(refusal_direction, suite, claim):
     claim.result(statistic=ra.rate, p_value=p, effect=ra.rate - suite.induced_min,
                  ci=[ra.low - suite.induced_min, ra.high - suite.induced_min], n=ra.n, threshold=suite.induced_min,
                  mde=binomial_detectable_rate(ra.n, suite.induced_min, suite.alpha, "greater") - suite.induced_min,
+                 unit=f"refusal rate − {suite.induced_min}",
                  test="exact binomial, one-sided", null=f"rate ≤ {suite.induced_min} (all refused 0 at baseline)")
     claim.record(measure=d["measure"], outcomes_after=outcome_counts([g.outcome for g in grades]),
                  substring_rate_after=float(np.mean([g.substring for g in grades])),
@@ -146,7 +151,7 @@ def test_ablation_side_effects_small(refusal_direction, suite, claim):
     lo, hi = bootstrap_ci(kl, n_resamples=suite.n_bootstrap, seed=suite.split_seed)
     bb = binomial_rate([g.outcome == "refusal" for g in d["benign_grades_before"]])
     ba = binomial_rate([g.outcome == "refusal" for g in d["benign_grades_after"]])
-    claim.result(statistic=a["kl"], effect=a["kl"], ci=[lo, hi], n=len(kl), threshold=suite.kl_max,
+    claim.result(statistic=a["kl"], effect=a["kl"], ci=[lo, hi], n=len(kl), threshold=suite.kl_max, unit="nats (KL)",
                  test="mean KL, bootstrap CI", null="the upper bound must stay under the threshold")
     claim.record(ce_before=a["ce_before"], ce_after=a["ce_after"], benign_refusal_before=bb.rate,
                  benign_refusal_after=ba.rate,

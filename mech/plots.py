@@ -24,7 +24,8 @@ def rate_bars(rates: Mapping[str, Mapping[str, Mapping[str, float]]], title: str
                 arrayminus=[by_cat[c]["rate"] - by_cat[c]["low"] for c in cats],
             ),
         )
-    fig.update_layout(barmode="group", title=title, yaxis=dict(title="refusal rate", range=[0, 1.05]))
+    fig.update_layout(barmode="group", title=title, xaxis_title="harm category",
+                      yaxis=dict(title="refusal rate (share of prompts)", range=[0, 1.05]))
     return fig
 
 
@@ -33,7 +34,8 @@ def score_histogram(groups: Mapping[str, Sequence[float]], title: str = "Logit r
     fig = go.Figure()
     for name, xs in groups.items():
         fig.add_histogram(x=list(xs), name=name, opacity=0.6, nbinsx=40)
-    fig.update_layout(barmode="overlay", title=title, xaxis_title="log-odds of a refusal first token", yaxis_title="prompts")
+    fig.update_layout(barmode="overlay", title=title, xaxis_title="refusal score (log-odds of a refusal first token)",
+                      yaxis_title="prompts (count)")
     return fig
 
 
@@ -46,9 +48,12 @@ def heatmap(
     y_title: str = "",
     colorscale: str = "RdBu",
     zmid: float | None = 0.0,
+    z_title: str = "",
 ) -> go.Figure:
-    """A labelled heatmap (layer × component, layer × head, category × category)."""
-    fig = go.Figure(go.Heatmap(z=[list(r) for r in z], x=list(x), y=list(y), colorscale=colorscale, zmid=zmid))
+    """A labelled heatmap (layer × component, layer × head, category × category); ``z_title`` names the colour
+    scale's quantity and unit."""
+    fig = go.Figure(go.Heatmap(z=[list(r) for r in z], x=list(x), y=list(y), colorscale=colorscale, zmid=zmid,
+                               colorbar=dict(title=dict(text=z_title, side="right")) if z_title else None))
     fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y_title)
     return fig
 
@@ -103,7 +108,7 @@ def circuit(component_ids: Sequence[str], title: str = "Top components by layer"
                                                colorscale="Viridis", showscale=True, colorbar=dict(title="rank")),
         showlegend=False,
     )
-    fig.update_layout(title=title, xaxis_title="layer", yaxis_title="head / index")
+    fig.update_layout(title=title, xaxis_title="layer", yaxis_title="head index")
     return fig
 
 

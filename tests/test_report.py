@@ -173,21 +173,48 @@ def test_suite_under_xdist_gives_the_same_findings(pytester: pytest.Pytester, ti
 
 
 @pytest.mark.slow
-def test_report_renders_in_a_real_browser(tiny_run, browser_page):
+def test_report_reads_top_down_in_a_real_browser(tiny_run, browser_page, record_property):
+    """The page of a run with NOT supported claims, in headless Chromium: one section per hypothesis in the
+    argument's order, the forest plot and every figure drawn (also those inside the expandable rows), figures
+    export as SVG offline, verdict words only (no Failed / Passed / Skipped), no traceback or repr dump, no
+    request leaving the page. Its height and size are recorded (``page_height_px``, ``page_bytes``)."""
     if "html" not in tiny_run:
         pytest.skip("the suite run above did not produce a report")
-    ready = ("document.querySelectorAll('div.mech-fig').length > 0 && "
-             "[...document.querySelectorAll('div.mech-fig')].every(d => d.querySelector('svg.main-svg'))")
+    from fixtures.report import HYPOTHESES
+
+    claims = tiny_run["findings"]["claims"]
+    assert any(c["verdict"] == "NOT supported" for c in claims), "the tiny run has no NOT supported claim"
+    order = [label for label, _ in HYPOTHESES.values()]
+    ready = "document.querySelector('#summary ~ figure div.mech-fig svg.main-svg') !== null"  # the forest plot
     with browser_page(tiny_run["html"].as_uri(), ready) as (page, requests):
-        rows = page.locator("tbody.results-table-row").count()
+        height = page.evaluate("document.documentElement.scrollHeight")
+        sections = page.eval_on_selector_all("h2[id^='h-']", "els => els.map(e => e.id.slice(2))")
+        forest_points = page.locator("#summary ~ figure div.mech-fig").first.locator("g.points path").count()
+        closed_text = page.inner_text("body")
+        shown = page.evaluate("[...document.querySelectorAll('div.mech-fig')].filter(d => d.offsetParent !== null)"
+                              ".every(d => d.querySelector('svg.main-svg'))")
+        page.evaluate("document.querySelectorAll('details').forEach(d => d.open = true)")
+        page.wait_for_function("[...document.querySelectorAll('div.mech-fig')].every(d => d.querySelector('svg.main-svg'))",
+                               timeout=60_000)
         figs = page.locator("div.mech-fig").count()
-        drawn = page.locator("div.mech-fig svg.main-svg").count()
-        claims_text = page.inner_text("#results-table")
-    assert rows == tiny_run["n_tests"], f"{rows} rows for {tiny_run['n_tests']} tests"
-    assert figs >= 8 and drawn >= figs, f"{figs} figures, {drawn} drawn"
-    for name in _claim_functions():
-        assert name in claims_text
-    assert not [u for u in requests if u.startswith("http")], f"the report fetched {requests}"
+        text = page.inner_text("body")
+        svg = page.evaluate("Plotly.toImage(document.querySelector('div.mech-fig'), {format: 'svg'})")
+    record_property("page_height_px", height)
+    record_property("page_bytes", tiny_run["html"].stat().st_size)
+    assert sections == [h for h in order if any(c["hypothesis"] == h for c in claims)] == order
+    assert forest_points == sum(c["effect"] is not None for c in claims if c["primary"]) >= 3
+    assert shown, "a figure in view was not drawn"
+    assert figs >= 10, f"only {figs} figures"
+    assert svg.startswith("data:image/svg+xml")
+    for t in (closed_text, text):
+        assert not re.search(r"\b(Failed|Passed|Skipped|FAILED|PASSED|SKIPPED)\b", t)
+        assert not re.search(r"<fixtures\.|object at 0x|Traceback|def test_|SuiteConfig\(", t)
+    for name in _claim_functions():  # every claim is on the page (its pytest id in its expanded row)
+        assert name in text
+    assert "not calibrated" in closed_text  # no calibration.json beside this run
+    assert not [u for u in requests if not u.startswith(("file:", "data:", "blob:"))], f"the page fetched {requests}"
+    assert [u for u in requests if u.startswith("file:")] == [tiny_run["html"].as_uri()]
+    assert height < 12_000, f"the page is {height} px tall"
 
 
 @pytest.mark.parametrize("args, msg", [
