@@ -22,7 +22,7 @@ from tests.helpers import small_prompt_file
 ROOT = Path(__file__).resolve().parents[1]
 VERDICTS = {"supported", "NOT supported", "error", "not tested"}
 # every fixture and claim runs on a tiny random model: the refusal gate is opened and the null sizes shrunk
-TINY_SET = ["--set", "min_refusals=0", "--set", "gate_separation=false", "--set", "n_random_primary=5",
+TINY_SET = ["--set", "min_refusals=0", "--set", "gate_open=true", "--set", "n_random_primary=5",
             "--set", "n_probe_shuffles=10", "--set", "n_label_shuffles=10", "--set", "n_random_directions=3",
             "--set", "n_bootstrap=200", "--set", "n_random_curve=2", "--set", "n_random_per_category=1"]
 
