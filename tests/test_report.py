@@ -302,7 +302,7 @@ def _rows_file(path: Path, *, pair_ids: bool = True, harmless: bool = True, sing
 @pytest.mark.slow
 @pytest.mark.parametrize("kind, reason", [
     ("no_pair_id", "matched (harmful, harmless) pairs"),
-    ("harmful_only", "no held-out harmless prompts"),
+    ("harmful_only", "no harmless train or validation prompts"),
     ("single_row_category", None),
 ])
 def test_what_the_prompt_set_cannot_support_is_not_tested(pytester: pytest.Pytester, tiny_run, kind, reason):

@@ -214,6 +214,9 @@ def test_the_gate_open_switch_lets_claims_run():
     opened = gate_from_baseline(rows, set(), dataclasses.replace(SUITE, gate_open=True))
     assert opened["ok"] and opened["open"] and not opened["passed"] and "no refusal to explain" in opened["reason"]
     require_gate(opened)  # does not skip
+    no_harmless = [r for r in rows if r["label"] == "harmful"]  # no data to compare with: open or not, closed
+    g = gate_from_baseline(no_harmless, set(), dataclasses.replace(SUITE, gate_open=True))
+    assert not g["ok"] and "no harmless train or validation prompts" in g["reason"]
 
 
 # ------------------------------------------------------------------------------ findings.json end to end
