@@ -20,7 +20,6 @@ from fixtures.h3_substrate import jaccard, substrate_statistic
 from mech import plots
 from mech.patching import PatchResult
 from mech.stats import (
-    adjust_pvalues,
     bootstrap_ci,
     intersection_union_p,
     null_detectable_shift,
@@ -102,7 +101,8 @@ def test_heads_transfer_beyond_random(cross_category, suite, claim):
 def test_category_heads_transfer(cross_category, category, suite, claim):
     """Exploratory. This category's top-k heads lower the other categories' refusal scores more than its
     layer-matched random head sets do (one-sided Wilcoxon signed-rank over its ``n_substrate_prompts`` judged
-    off-category test prompts, against the mean of its random sets there)."""
+    off-category test prompts, against the mean of its random sets there; p < alpha adjusted within the family of
+    categories by the suite's exploratory correction)."""
     if category not in cross_category["categories"]:
         pytest.skip(f"no train pairs of category {category} to rank heads on")
     ex = _excess(cross_category, category)
@@ -120,7 +120,8 @@ def test_category_heads_transfer(cross_category, category, suite, claim):
 def map_specificity(atp_noise, refusal_gate, suite):
     """Spearman ρ of each category's mean AtP head map against the other categories' pooled map, and the same ρ
     for random subsets of train pairs of that category's size (the category labels shuffled): a category with
-    heads of its own agrees with the rest *less* than a random subset does. Holm across categories."""
+    heads of its own agrees with the rest *less* than a random subset does (the claims are corrected within their
+    family, the categories, at the end of the run)."""
     require_gate(refusal_gate)  # attribution to a refusal score means nothing for a model that does not refuse
     delta = PatchResult.from_dict(atp_noise["head"]).delta  # [n_pairs, n_heads]
     cats = np.array(atp_noise["categories"])
@@ -139,24 +140,23 @@ def map_specificity(atp_noise, refusal_gate, suite):
         obs = rho(cats, c)
         null = [rho(s, c) for s in shuffles]
         out[c] = {"rho": obs, "test": permutation_pvalue(obs, null, "less"), "null_mean": float(np.nanmean(null))}
-    adj = adjust_pvalues([out[c]["test"].p_value for c in names], "holm", suite.alpha).adjusted
-    for c, a in zip(names, adj, strict=True):
-        out[c]["p_holm"] = a
     return out
 
 
 def test_category_map_is_specific(map_specificity, atp_noise, category, suite, claim):
     """Exploratory. This category's head attribution map (harmless → harmful AtP, train pairs) is specific to it:
     it agrees with the other categories' pooled map less than random subsets of the same size do (Spearman ρ,
-    shuffled category labels, one-sided permutation test, Holm across categories, p < alpha). NOT supported
-    means no evidence of category-specific heads, as a shared substrate predicts."""
+    shuffled category labels, one-sided permutation test, p < alpha adjusted within the family of categories by
+    the suite's exploratory correction). NOT supported means no evidence of category-specific heads, as a shared
+    substrate predicts."""
     if category not in map_specificity:
         pytest.skip(f"no train pairs of category {category}")
     m = map_specificity[category]
     claim.result(statistic=m["rho"], p_value=m["test"].p_value, effect=m["rho"] - m["null_mean"], n=m["test"].n_null,
                  unit="Spearman ρ − shuffled mean",
-                 test="Spearman ρ vs shuffled category labels (permutation, one-sided less), Holm across categories",
+                 test="Spearman ρ vs shuffled category labels (permutation, one-sided less)",
                  null=f"{m['test'].n_null} random subsets of the same size (shuffled category labels)")
-    claim.record(p_holm=m["p_holm"], shuffled_mean_rho=m["null_mean"])
+    claim.record(shuffled_mean_rho=m["null_mean"])
     claim.uses({"uses": {"judge": atp_noise["uses"]["select"]}})  # a claim about the train maps themselves
-    assert m["p_holm"] < suite.alpha, f"ρ = {m['rho']:.3f} vs random subsets {m['null_mean']:.3f}: Holm p = {m['p_holm']:.3g}"
+    assert m["test"].p_value < suite.alpha, (f"ρ = {m['rho']:.3f} vs random subsets {m['null_mean']:.3f}: "
+                                             f"p = {m['test'].p_value:.3g}")

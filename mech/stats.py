@@ -16,6 +16,8 @@ store it next to the claim it supports.
   of :func:`scipy.stats.bootstrap`): p < alpha exactly when the one-sided (1 − alpha) percentile bound excludes it.
 * :func:`intersection_union_p` — the one p of a claim that ANDs several tests: the max of their p-values, 1 when a
   gating condition fails or a part is NaN.
+* :func:`auroc` — AUROC from the Mann–Whitney U statistic with its p-value; :func:`auroc_ci` its bootstrap CI
+  (``scipy.stats.bootstrap``, the two groups resampled independently).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ __all__ = [
     "RateCI",
     "adjust_pvalues",
     "auroc",
+    "auroc_ci",
     "benjamini_hochberg",
     "binomial_detectable_rate",
     "binomial_pvalue",
@@ -288,6 +291,30 @@ def auroc(pos_scores: Sequence[float], neg_scores: Sequence[float]) -> AurocResu
         return AurocResult(math.nan, math.nan, len(pos), len(neg))
     res = _st.mannwhitneyu(pos, neg, alternative="two-sided")
     return AurocResult(float(res.statistic) / (len(pos) * len(neg)), float(res.pvalue), len(pos), len(neg))
+
+
+def _auroc_vec(pos: np.ndarray, neg: np.ndarray, axis: int = -1) -> np.ndarray:
+    """AUROC of every resample at once: P(pos > neg) + ½ P(pos = neg), over the last axis."""
+    p, n = np.moveaxis(pos, axis, -1), np.moveaxis(neg, axis, -1)
+    gt = (p[..., :, None] > n[..., None, :]).mean((-2, -1))
+    eq = (p[..., :, None] == n[..., None, :]).mean((-2, -1))
+    return gt + 0.5 * eq
+
+
+def auroc_ci(pos_scores: Sequence[float], neg_scores: Sequence[float], confidence: float = 0.95,
+             n_resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap CI of the AUROC (:func:`scipy.stats.bootstrap`, the positive and negative scores
+    resampled independently: a stratified two-sample bootstrap). NaN when a group is empty; the point value twice
+    when both groups are constant (no resample can differ)."""
+    pos, neg = np.asarray(list(pos_scores), dtype=float), np.asarray(list(neg_scores), dtype=float)
+    if pos.size == 0 or neg.size == 0:
+        return math.nan, math.nan
+    if (pos.size < 2 or np.ptp(pos) == 0) and (neg.size < 2 or np.ptp(neg) == 0):
+        v = float(_auroc_vec(pos, neg))
+        return v, v
+    res = _st.bootstrap((pos, neg), _auroc_vec, paired=False, vectorized=True, confidence_level=confidence,
+                        n_resamples=n_resamples, batch=200, method="percentile", rng=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
 # --------------------------------------------------------------------------- bounds and detectable effects

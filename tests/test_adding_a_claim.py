@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_SET = ["--set", "min_refusals=0", "--set", "gate_separation=false", "--set", "n_bootstrap=200"]
+TINY_SET = ["--set", "min_refusals=0", "--set", "gate_open=true", "--set", "n_bootstrap=200"]
 
 
 def _blocks() -> list[str]:

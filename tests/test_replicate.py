@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 VERDICTS = {"supported", "NOT supported", "error", "not tested"}
 # the refusal gate opened and the nulls shrunk, as in tests/test_report.py: verdicts on random tiny models mean
 # nothing; what is checked is that every claim of every run arrives in the comparison
-TINY_SET = ["min_refusals=0", "gate_separation=false", "n_random_primary=5", "n_probe_shuffles=10",
+TINY_SET = ["min_refusals=0", "gate_open=true", "n_random_primary=5", "n_probe_shuffles=10",
             "n_label_shuffles=10", "n_random_directions=3", "n_bootstrap=200", "n_random_curve=2",
             "n_random_per_category=2", "n_substrate_prompts=3", "n_cov_directions=2", "n_shuffled_directions=2",
             "n_control_prompts=3", "control_max_new_tokens=3", "n_random_addition=2", "max_new_tokens=4", "n_rank_pairs=6", "n_mean_prompts=6", "n_token_probes=6",

@@ -22,7 +22,7 @@ from tests.helpers import small_prompt_file
 ROOT = Path(__file__).resolve().parents[1]
 VERDICTS = {"supported", "NOT supported", "error", "not tested"}
 # every fixture and claim runs on a tiny random model: the refusal gate is opened and the null sizes shrunk
-TINY_SET = ["--set", "min_refusals=0", "--set", "gate_separation=false", "--set", "n_random_primary=5",
+TINY_SET = ["--set", "min_refusals=0", "--set", "gate_open=true", "--set", "n_random_primary=5",
             "--set", "n_probe_shuffles=10", "--set", "n_label_shuffles=10", "--set", "n_random_directions=3",
             "--set", "n_bootstrap=200", "--set", "n_random_curve=2", "--set", "n_random_per_category=3",
             "--set", "n_substrate_prompts=3", "--set", "n_cov_directions=2", "--set", "n_shuffled_directions=2",
@@ -97,12 +97,20 @@ def test_suite_runs_on_a_tiny_model(pytester: pytest.Pytester, tiny_run):
     for c in prim:
         if c["p_value"] is not None and c["verdict"] != "not tested":
             assert c["p_adjusted"] is not None and c["p_adjusted"] >= c["p_value"]
+    for c in findings["claims"]:  # every claim says its role, family and correction (tests/test_verdicts.py)
+        assert c["role"] == ("primary" if c["primary"] else "exploratory") and c["family"] and c["correction"], c["id"]
+        if not c["primary"] and c["decided_on"] == "p_value" and c["verdict"] in ("supported", "NOT supported"):
+            assert c["p_adjusted"] is not None and c["p_adjusted"] >= c["p_entered"] >= c["p_value"], c["id"]
+    assert not [c["id"] for c in findings["claims"] if c["hypothesis"] == "baseline" and "[" in c["id"]]
+    gate = findings["gate"]  # opened by TINY_SET, measured all the same, on train and validation prompts only
+    assert gate["open"] and gate["ok"] and gate["splits_read"] == ["train", "val"] and gate["n_harmful"] > 0
     s = findings["summary"]
     assert s["claims"] == len(findings["claims"]) == sum(s[k] for k in ("supported", "not_supported", "error", "not_tested"))
     assert s["claims"] == sum(outcomes.get(k, 0) for k in ("passed", "failed", "skipped")) - 2  # 2 snapshot tests
     html = (reports / "hypotheses.html").read_text()
     assert "Plotly" in html and not re.search(r"<script[^>]+src=[\"']https?://", html)  # plotly.js inlined
     assert "Primary claims" in html and "Suite configuration" in html and "Refusal measure" in html
+    assert "Exploratory claims" in html and "exploratory: " in html
     m = findings["refusal_measure"]  # every refusal count names its measure; no judge by default
     assert m["decision"] == "substring+coherence" and m["judge"] is None
     assert m["coherence"]["nll_threshold"] > 0 and m["coherence"]["false_positive_rate"]["n"] > 0
@@ -133,7 +141,9 @@ def test_default_gate_marks_a_non_refusing_model_not_tested(pytester: pytest.Pyt
     downstream claim is tested, each saying why (the machinery of the smollm2 negative control)."""
     result, reports = run_suite(pytester, tiny_run["model_dir"], tiny_run["work"] / "gate", "--verdict-exit")
     assert result.ret == 0, result.stdout.str()[-3000:]
-    claims = json.loads((reports / "findings.json").read_text())["claims"]
+    findings = json.loads((reports / "findings.json").read_text())
+    claims = findings["claims"]
+    assert not findings["gate"]["ok"] and not findings["gate"]["open"] and not findings["gate"]["passed"]
     assert [c["verdict"] for c in claims if c["primary"] and c["hypothesis"] == "baseline"] == ["NOT supported"]
     downstream = [c for c in claims if c["hypothesis"] != "baseline"]
     assert downstream and all(c["verdict"] == "not tested" for c in downstream)
@@ -321,7 +331,7 @@ def _rows_file(path: Path, *, pair_ids: bool = True, harmless: bool = True, sing
 @pytest.mark.slow
 @pytest.mark.parametrize("kind, reason", [
     ("no_pair_id", "matched (harmful, harmless) pairs"),
-    ("harmful_only", "no held-out harmless prompts"),
+    ("harmful_only", "no harmless train or validation prompts"),
     ("single_row_category", None),
 ])
 def test_what_the_prompt_set_cannot_support_is_not_tested(pytester: pytest.Pytester, tiny_run, kind, reason):

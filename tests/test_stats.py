@@ -12,6 +12,7 @@ from scipy.stats import binomtest
 from mech.stats import (
     adjust_pvalues,
     auroc,
+    auroc_ci,
     benjamini_hochberg,
     binomial_rate,
     bootstrap_ci,
@@ -91,6 +92,21 @@ def test_spearman_and_auroc():
     assert a.auroc == pytest.approx(15 / 16) and (a.n_pos, a.n_neg) == (4, 4)
     assert 0 < a.p_value < 1
     assert math.isnan(auroc([], [1.0]).auroc)
+
+
+def test_auroc_ci_brackets_the_auroc_and_narrows_with_n():
+    """The stratified bootstrap CI of the AUROC holds the point value, narrows as n grows, and covers the true
+    AUROC of two unit normals one apart (Φ(1/√2) ≈ 0.760)."""
+    rng = np.random.default_rng(0)
+    widths = []
+    for n in (30, 300):
+        pos, neg = rng.normal(1.0, 1.0, n), rng.normal(0.0, 1.0, n)
+        lo, hi = auroc_ci(pos, neg, n_resamples=1000, seed=1)
+        assert lo <= auroc(pos, neg).auroc <= hi
+        widths.append(hi - lo)
+    assert widths[1] < widths[0] / 2 and lo < 0.760 < hi
+    assert auroc_ci([2.0, 3.0], [0.0, 1.0]) == (1.0, 1.0)  # every resample separates perfectly
+    assert all(math.isnan(x) for x in auroc_ci([], [1.0]))
 
 
 def test_results_are_json_serializable():

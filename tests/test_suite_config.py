@@ -28,8 +28,8 @@ def _run():
 
 
 def test_defaults_are_frozen_and_overridable():
-    cfg = suite_config(_Cfg(["n_random_primary=200", "gate_separation=false", "split=0.6,0.2,0.2"]), _run())
-    assert cfg.n_random_primary == 200 and cfg.gate_separation is False and cfg.split == (0.6, 0.2, 0.2)
+    cfg = suite_config(_Cfg(["n_random_primary=200", "gate_open=true", "split=0.6,0.2,0.2"]), _run())
+    assert cfg.n_random_primary == 200 and cfg.gate_open is True and cfg.split == (0.6, 0.2, 0.2)
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.alpha = 0.1  # type: ignore[misc]
     assert SuiteConfig().n_random_primary >= 100 and SuiteConfig().n_random_directions >= 20
@@ -41,7 +41,10 @@ def test_defaults_are_frozen_and_overridable():
     ("alpha=2", "alpha must lie in (0, 1)"),
     ("n_random_primary=lots", "invalid literal"),
     ("split=0.5,0.5,0.5", "three positive fractions summing to 1"),
-    ("gate_separation=maybe", "expected true or false"),
+    ("gate_open=maybe", "expected true or false"),
+    ("gate_separation=false", "was replaced by gate_auroc_min"),
+    ("exploratory_correction=bonferroni", "must be holm or bh"),
+    ("gate_auroc_min=1.5", "gate_auroc_min must lie in [0, 1]"),
     ("n_bootstrap=0", "n_bootstrap must be at least 1"),
 ])
 def test_bad_set_is_a_one_line_usage_error(item, msg):
