@@ -129,6 +129,22 @@ def test_plan_runs() -> None:
     assert runs[-1].spec.model == "/x/rand"
 
 
+def test_shuffled_sides_for_a_behaviour_filter() -> None:
+    """H4's label-shuffle null: the prompts its filter selected trade sides by a seeded coin, nothing is lost."""
+    from fixtures.common import shuffled_sides
+    from mech.prompts import default_pairs
+
+    pairs = default_pairs().pairs()[:40]
+    h, s = [a for a, _ in pairs], [b for _, b in pairs[:36]]  # unequal sides, as a filter leaves them; 36 fair coins
+    assert shuffled_sides(h, s, None) == (h, s)
+    h1, s1 = shuffled_sides(h, s, 1)
+    assert (h1, s1) == shuffled_sides(h, s, 1) and (h1, s1) != shuffled_sides(h, s, 2)
+    assert sorted(p.id for p in h1 + s1) == sorted(p.id for p in h + s) and (len(h1), len(s1)) == (40, 36)
+    assert h1[36:] == h[36:]  # nothing to trade with
+    moved = sum(a.label == "harmless" for a in h1)
+    assert 8 <= moved <= 28 and moved == sum(b.label == "harmful" for b in s1)
+
+
 def test_bad_input_is_one_line(tmp_path: Path) -> None:
     for args, needle in ((["--shuffles", "-1"], "--shuffles"), (["--set", "gate_open=true"], "gate_open"),
                          (["--set", "no_such_field=1"], "no_such_field"), (["--model", str(tmp_path / "nope")], "nope")):
@@ -178,15 +194,17 @@ def calibration(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     env["PYTHONPATH"] = str(repo)
     first = subprocess.run(_cmd(work), cwd=repo, env=env, capture_output=True, text=True, timeout=900)
     logs = {p: p.stat().st_mtime_ns for p in (work / "reports" / "calibration").glob("*/pytest.log")}
+    report = (work / "reports" / "calibration.json").read_text() if first.returncode == 0 else "{}"
     second = subprocess.run(_cmd(work), cwd=repo, env=env, capture_output=True, text=True, timeout=300)
-    return {"work": work, "first": first, "second": second, "logs": logs, "reports": work / "reports"}
+    return {"work": work, "first": first, "second": second, "logs": logs, "reports": work / "reports",
+            "first_report": json.loads(report)}
 
 
 @pytest.mark.slow
 def test_calibration_end_to_end(calibration: dict[str, Any]) -> None:
     first = calibration["first"]
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
-    rep = json.loads((calibration["reports"] / "calibration.json").read_text())
+    rep = calibration["first_report"]
     for key in ("schema", "model", "config_hash", "config", "alpha", "nulls", "runs", "primaries", "code"):
         assert key in rep, key
     runs = {r["id"]: r for r in rep["runs"]}
