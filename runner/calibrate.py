@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import hashlib
 import html
 import json
 import logging
@@ -134,7 +135,7 @@ def plan_calibration(model: str, prompts: str = DEFAULT_PROMPTS, shuffles: int =
 
 def random_init_copy(model: str, cache_dir: Path, seed: int = 0) -> Path:
     """A copy of ``model``'s architecture and tokenizer with random weights (``from_config`` initialisation,
-    ``torch.manual_seed(seed)``), saved once under ``<cache>/models/<model>-random-init-seed<seed>``. ``model`` is a
+    seeded from ``seed``), saved once under ``<cache>/models/<model>-random-init-seed<seed>``. ``model`` is a
     registry name (prepared first) or a local model dir."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -155,8 +156,9 @@ def random_init_copy(model: str, cache_dir: Path, seed: int = 0) -> Path:
     for attr in ("quantization_config",):
         if hasattr(cfg, attr):
             delattr(cfg, attr)
-    torch.manual_seed(seed)
-    AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32).save_pretrained(tmp)
+    # a seed of its own (not the bare `seed`, which a tiny test model may have been initialised with)
+    torch.manual_seed(int(hashlib.sha256(f"random-init:{seed}".encode()).hexdigest()[:8], 16))
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(tmp)
     AutoTokenizer.from_pretrained(src).save_pretrained(tmp)
     os.replace(tmp, dest)
     return dest

@@ -145,6 +145,27 @@ def test_shuffled_sides_for_a_behaviour_filter() -> None:
     assert 8 <= moved <= 28 and moved == sum(b.label == "harmful" for b in s1)
 
 
+def test_random_init_copy(tmp_path: Path) -> None:
+    """The random-init null: the same architecture and tokenizer, other weights; made once."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from runner.calibrate import random_init_copy
+
+    tiny = build_tiny_model("qwen2", seed=0)
+    tiny.model.save_pretrained(tmp_path / "tiny")
+    tiny.tokenizer.save_pretrained(tmp_path / "tiny")
+    dest = random_init_copy(str(tmp_path / "tiny"), tmp_path / "cache")
+    assert random_init_copy(str(tmp_path / "tiny"), tmp_path / "cache") == dest
+    rand = AutoModelForCausalLM.from_pretrained(dest)
+    src = dict(tiny.model.named_parameters())
+    params = dict(rand.named_parameters())
+    assert params.keys() == src.keys() and all(params[k].shape == src[k].shape for k in src)
+    assert not torch.allclose(params["model.layers.0.self_attn.q_proj.weight"],
+                              src["model.layers.0.self_attn.q_proj.weight"].float())
+    assert (dest / "tokenizer_config.json").is_file()
+
+
 def test_bad_input_is_one_line(tmp_path: Path) -> None:
     for args, needle in ((["--shuffles", "-1"], "--shuffles"), (["--set", "gate_open=true"], "gate_open"),
                          (["--set", "no_such_field=1"], "no_such_field"), (["--model", str(tmp_path / "nope")], "nope")):
