@@ -192,6 +192,17 @@ def rejection_rate(k: int, n: int, alpha: float) -> dict[str, Any]:
     return {"k": k, "n": n, "rate": k / n, "ci": [float(ci.low), float(ci.high)]}
 
 
+def flag_at(n: int, alpha: float) -> int | None:
+    """The fewest ``supported`` runs of ``n`` that mark a claim miscalibrated (CI lower bound above alpha): what
+    the calibration can detect at this n (None: not even n of n)."""
+    from scipy.stats import binomtest
+
+    if n == 0:
+        return None
+    return next((k for k in range(n + 1)
+                 if binomtest(k, n).proportion_ci(confidence_level=0.95, method="exact").low > alpha), None)
+
+
 def _selects(findings: Mapping[str, Any], claim_id: str) -> bool:
     return bool(((findings.get("data_use") or {}).get(claim_id) or {}).get("select"))
 
@@ -243,7 +254,7 @@ def aggregate(results: Sequence[RunResult], nulls: Mapping[str, str], alpha: flo
             entry["nulls"][null] = {
                 "applies": applies, "reason": reason, "status": status, "runs": rids, "n_runs": len(rids),
                 "supported": rate["k"], "n": rate["n"], "rate": rate["rate"], "ci": rate["ci"],
-                "raw": rejection_rate(len(raw), len(judged), alpha),
+                "raw": rejection_rate(len(raw), len(judged), alpha), "flag_at": flag_at(len(judged), alpha),
                 "verdicts": {v: verdicts.count(v) for v in ("supported", "NOT supported", "not tested", "error")},
                 "p_values": [c.get("p_value") for c in judged],
                 "p_by_run": {rid: c.get("p_value") for rid, c in zip(rids, cells, strict=True)}}
@@ -323,8 +334,9 @@ def _rate_html(v: dict[str, Any]) -> str:
     rate = "—" if v["rate"] is None else f"{v['supported']}/{v['n']} = {v['rate']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]"
     rawt = "—" if raw["rate"] is None else f"raw p&lt;α {raw['k']}/{raw['n']} [{raw['ci'][0]:.2f}, {raw['ci'][1]:.2f}]"
     other = ", ".join(f"{n} {k}" for k, n in v["verdicts"].items() if n and k not in ("supported", "NOT supported"))
+    fa = "" if v["flag_at"] is None else f"; flagged at ≥ {v['flag_at']}/{v['n']}"
     return (f"<td class='cell' data-null-status='{html.escape(v['status'])}'><b style='color:"
-            f"{_STATUS_COLOR[v['status']]}'>{html.escape(v['status'])}</b>{rate}<br><span class='muted'>{rawt}"
+            f"{_STATUS_COLOR[v['status']]}'>{html.escape(v['status'])}</b>{rate}<br><span class='muted'>{rawt}{fa}"
             + (f"; {html.escape(other)}" if other else "") + "</span></td>")
 
 
@@ -344,7 +356,9 @@ def render_html(report: dict[str, Any], figures: dict[str, Any]) -> str:
              "<code>pytest hypotheses/ -m primary</code> with the refusal gate held open; a claim's rejection rate is "
              "the share of runs whose verdict is <b>supported</b> (the suite's Holm-corrected decision) among those "
              "that reached a verdict, with its exact Clopper–Pearson 95% CI. A claim is <b>miscalibrated</b> when "
-             "the CI's lower bound is above alpha under a null that applies to it.</p><ul>"]
+             "the CI's lower bound is above alpha under a null that applies to it; <b>calibrated</b> means it was not: with "
+             "n runs only a rate of at least the shown <i>flagged at</i> count can be detected, so a calibration with "
+             "few runs is weak evidence.</p><ul>"]
     parts += [f"<li><b>{html.escape(n)}</b>: {html.escape(NULLS[n])}</li>" for n in nulls]
     parts.append("</ul><h2>Primary claims</h2><table id='calibration-table'><tr><th>hypothesis</th><th>claim</th>"
                  "<th>status</th><th>real run</th>" + "".join(f"<th>{html.escape(n)}</th>" for n in nulls) + "</tr>")
@@ -460,6 +474,8 @@ def calibrate(model: str, prompts: str = DEFAULT_PROMPTS, shuffles: int = DEFAUL
     t0 = time.monotonic()
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     out = Path(out)
+    if shuffles < 0:
+        raise CalibrationError(f"--shuffles must be ≥ 0, got {shuffles}")
     if os.environ.get("MECH_SHUFFLE_LABELS"):
         raise CalibrationError("MECH_SHUFFLE_LABELS is set in the environment: unset it (the calibration chooses "
                                "each run's shuffle)")

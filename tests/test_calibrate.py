@@ -82,6 +82,8 @@ def test_aggregate_flags_a_primary_that_always_passes() -> None:
     assert h1["verdicts"]["error"] == 1
     assert h1["ci"] == pytest.approx([ci.low, ci.high]) and h1["ci"][0] > ALPHA
     assert h1["status"] == "miscalibrated" and rows["H1"]["status"] == "miscalibrated"
+    assert h1["flag_at"] == 3  # 3/10: CP lower bound 0.067 > 0.05; 2/10: 0.025
+    assert rows["H1"]["nulls"]["non-refusing"]["flag_at"] is None  # 1 of 1 cannot flag anything
     assert rows["H1"]["nulls"]["non-refusing"]["status"] == "calibrated"  # one null is enough to flag it
 
     h2 = rows["H2"]["nulls"]["label-shuffle"]
@@ -168,7 +170,7 @@ def test_random_init_copy(tmp_path: Path) -> None:
 
 def test_bad_input_is_one_line(tmp_path: Path) -> None:
     for args, needle in ((["--shuffles", "-1"], "--shuffles"), (["--set", "gate_open=true"], "gate_open"),
-                         (["--set", "no_such_field=1"], "no_such_field"), (["--model", str(tmp_path / "nope")], "nope")):
+                         (["--model", str(tmp_path / "nope")], "nope")):
         p = subprocess.run([sys.executable, "-m", "runner", "calibrate", "--out", str(tmp_path), "--non-refusing",
                             "none", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert p.returncode == 2, (args, p.stderr[-500:])
