@@ -34,6 +34,26 @@ rejection rate under each null against alpha.
    the main report can look up each primary's ``status``) and ``<out>/calibration.html`` (self-contained,
    plotly.js inlined): the table, the rates with CIs against alpha, and a QQ plot of each primary's p-values
    against uniform with the real run's p.
+
+``calibration.json`` (schema 1)::
+
+    schema: 1, created, command, wall_s, code (sha256 of mech/ fixtures/ hypotheses/ data/: the runs' code)
+    model: {name, sha256, dtype, quantization, device}      the calibrated model (from the real run's findings)
+    config_hash: 16 hex                                      fixtures.config.config_hash(findings["config"])
+    config: the suite configuration, alpha: float
+    nulls: {<null>: {description, runs: [run ids]}}          <null> in label-shuffle | non-refusing | random-init
+    runs: [{id, null ("real" or a null), model, seed, options, status ("complete" | "error" | "not run"), reused,
+            wall_s, message, dir, model_sha256, config_hash, summary, label_shuffle}]
+    primaries: [{id ("test_x.py::test_y", as in replication.json), hypothesis, claim,
+                 status: "calibrated" | "miscalibrated" | "not calibrated",
+                 real: {run, verdict, p_value, p_adjusted, effect, ci, message} | null,
+                 nulls: {<null>: {applies, reason, status ("calibrated" | "miscalibrated" | "not calibrated" |
+                                  "not a null"), runs, n_runs, supported, n, rate, ci [lo, hi],
+                                  raw: {k, n, rate, ci}, flag_at, verdicts {verdict: count}, p_values, p_by_run}}}]
+
+The main report finds a primary's status by matching ``model.sha256`` and ``config_hash`` with its own run's
+(``findings.json`` ``model.sha256``, ``config_hash(findings["config"])``) and the claim's id without its
+``hypotheses/`` prefix; no match means ``not calibrated``.
 """
 
 from __future__ import annotations
