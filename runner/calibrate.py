@@ -69,7 +69,7 @@ import shutil
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -132,15 +132,19 @@ class CalRun:
 
 
 def plan_calibration(model: str, prompts: str = DEFAULT_PROMPTS, shuffles: int = DEFAULT_SHUFFLES,
-                     non_refusing: str | None = NON_REFUSING, random_init: str | None = None) -> list[CalRun]:
+                     non_refusing: str | None = NON_REFUSING, random_init: str | None = None,
+                     dtype: str = "auto") -> list[CalRun]:
     """The runs in order: the real run, the ``shuffles`` label shuffles (seeds 1..K), the non-refusing model, the
     random-init copy (a prepared model dir, see :func:`random_init_copy`) when given."""
     if shuffles < 0:
         raise CalibrationError(f"--shuffles must be ≥ 0, got {shuffles}")
 
+    # a RunSpec that carries its own --dtype (the replication's precision axis) gets it; else opts["dtype"] holds it
+    per_run_dtype = {"dtype": dtype} if "dtype" in {f.name for f in fields(RunSpec)} else {}
+
     def spec(rid: str, m: str, extra: tuple[str, ...] = ()) -> RunSpec:
         return RunSpec(rid, m, prompts, _model_label(m), "pairs" if prompts == DEFAULT_PROMPTS else Path(prompts).stem,
-                       extra)
+                       extra=extra, **per_run_dtype)
 
     width = max(2, len(str(shuffles)))
     runs = [CalRun(spec("real", model), "real", gate_open=False)]
@@ -517,7 +521,7 @@ def calibrate(model: str, prompts: str = DEFAULT_PROMPTS, shuffles: int = DEFAUL
     rand_dir = None
     if random_init:
         rand_dir = cache / "models" / f"{_slug(_model_label(model))}-random-init-seed0"
-    runs = plan_calibration(model, prompts, shuffles, non_refusing, str(rand_dir) if rand_dir else None)
+    runs = plan_calibration(model, prompts, shuffles, non_refusing, str(rand_dir) if rand_dir else None, dtype)
     if plan_only:
         _print_plan(runs, base, out, code)
         return None
