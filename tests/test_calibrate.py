@@ -213,7 +213,9 @@ def calibration(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         shutil.copytree(ROOT / d, repo / d, ignore=shutil.ignore_patterns("__pycache__"))
     for f in ("conftest.py", "pyproject.toml"):
         shutil.copy2(ROOT / f, repo / f)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MECH_")}
+    # no MECH_* option leaks into the runs, except the judge choice tests/conftest.py may make (no judge model
+    # loaded for a tiny model)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MECH_") or k == "MECH_JUDGE"}
     env["PYTHONPATH"] = str(repo)
     first = subprocess.run(_cmd(work), cwd=repo, env=env, capture_output=True, text=True, timeout=900)
     logs = {p: p.stat().st_mtime_ns for p in (work / "reports" / "calibration").glob("*/pytest.log")}
