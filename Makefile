@@ -70,3 +70,14 @@ ifneq (,$(findstring qwen2.5-coder-1.5b-instruct,$(REPLICATE_MODELS)))
 	$(BIN)/python -m mech prepare qwen2.5-coder-1.5b-instruct
 endif
 	$(REPLICATE)
+
+# the primary claims where there is nothing to find → reports/calibration.html, reports/calibration.json: the real
+# run, CALIBRATE_SHUFFLES label-shuffled runs of $(MODEL) and the non-refusing smollm2-135m-instruct, each with the
+# refusal gate held open; per primary its rejection rate under each null against alpha. A killed calibration
+# resumes: re-run `make calibrate` (also in a later session, with the same cache and code).
+# `make calibrate CALIBRATE_ARGS=--plan` prints the runs and the suite's plan without running anything.
+CALIBRATE_SHUFFLES ?= 20
+CALIBRATE_ARGS     ?=
+.PHONY: calibrate
+calibrate: setup
+	$(BIN)/python -m runner calibrate --model $(MODEL) --shuffles $(CALIBRATE_SHUFFLES) $(CALIBRATE_ARGS)

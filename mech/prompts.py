@@ -24,6 +24,7 @@ environment variable ``MECH_DATA_DIR``).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -304,6 +305,21 @@ class PromptSet:
             [p.to_dict() for p in self.prompts], sort_keys=True, ensure_ascii=False, separators=(",", ":")
         )
         return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+    def swap_pair_labels(self, seed: int) -> tuple[PromptSet, list[str]]:
+        """The set with the labels of each matched pair swapped by a fair coin (seeded): a label-shuffle null.
+
+        Each pair's coin is a seeded hash of its ``pair_id`` alone (stable across processes and independent of
+        which split the pair is in), so a pair's harmful and harmless members trade labels with probability 1/2
+        and every other field (id, text, category, pair_id, row order) is kept. Rows outside a complete pair have
+        nothing to trade with and keep their label. Returns the new set and the sorted pair ids that were swapped.
+        """
+        swapped = sorted(s.pair_id for h, s in self.pairs()
+                         if s.pair_id is not None and int(_rank(seed, f"swap-labels:{s.pair_id}"), 16) % 2)
+        flip = {"harmful": "harmless", "harmless": "harmful"}
+        todo = set(swapped)
+        rows = [dataclasses.replace(p, label=flip[p.label]) if p.pair_id in todo else p for p in self.prompts]
+        return self._subset(f"labels swapped seed={seed}", rows), swapped
 
     def split(self, fractions: Sequence[float] = (0.6, 0.2, 0.2), seed: int = 0) -> tuple[PromptSet, ...]:
         """Split into ``len(fractions)`` disjoint sets, by pair and stratified by category.

@@ -78,6 +78,7 @@ class RunSpec:
     model_label: str
     prompts_label: str
     dtype: str = "auto"  # the suite's --dtype for this run (the precision axis: --dtype float32,bfloat16)
+    extra: tuple[str, ...] = ()  # further suite options of this run only (e.g. a calibration's --shuffle-labels 3)
 
     @property
     def prompts_path(self) -> str | None:
@@ -390,7 +391,7 @@ def _pytest_args(spec: RunSpec, opts: dict[str, Any], extra: Sequence[str] = ())
         args += ["--eval-prompts", str(Path(spec.eval_path).resolve())]
     for item in opts["set"]:
         args += ["--set", item]
-    return args + list(extra)
+    return args + list(spec.extra) + list(extra)
 
 
 def _env(reports_dir: Path) -> dict[str, str]:
@@ -434,6 +435,7 @@ def _stamp_key(spec: RunSpec, opts: dict[str, Any], code: str) -> str:
         "MECH_MODEL", "MECH_PROMPTS", "MECH_EVAL_PROMPTS", "MECH_REPORTS_DIR")}
     blob = json.dumps({"model": spec.model, "model_fp": _model_fingerprint(spec.model), "prompts": spec.prompts,
                        "prompts_fp": _prompts_fingerprint(spec.prompts), "set": list(opts["set"]),
+                       **({"extra": list(spec.extra)} if spec.extra else {}),
                        "device": opts["device"], "dtype": spec.dtype, "quantize": opts["quantize"],
                        "cache_dir": str(opts["cache_dir"]), "code": code, "env": env}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -459,10 +461,12 @@ def _last_line(path: Path) -> str:
     return (err[-1] if err else lines[-1] if lines else "")[:300]
 
 
-def run_one(spec: RunSpec, opts: dict[str, Any], out: Path, code: str, force: bool = False) -> RunResult:
+def run_one(spec: RunSpec, opts: dict[str, Any], out: Path, code: str, force: bool = False,
+            subdir: str = "replication") -> RunResult:
     """One suite run of the primary claims in a subprocess (or its stamp, when it already finished with the
-    same inputs and code). Exit status 0/1 with findings is a complete run; anything else an error."""
-    run_dir = out / "replication" / spec.id
+    same inputs and code) in ``<out>/<subdir>/<spec.id>``. Exit status 0/1 with findings is a complete run;
+    anything else an error."""
+    run_dir = out / subdir / spec.id
     stamp = run_dir / "run.json"
     key = _stamp_key(spec, opts, code)
     if stamp.is_file() and not force:

@@ -586,6 +586,13 @@ def test_max_new_tokens_must_be_a_positive_integer(resolve, value: str, fragment
     assert resolve(max_new_tokens="1").max_new_tokens == 1
 
 
+@pytest.mark.parametrize("value", ["-1", "x", "1.5"])
+def test_shuffle_labels_must_be_a_seed(resolve, value: str) -> None:
+    assert f"--shuffle-labels must be a non-negative integer seed, got {value!r}" in _usage_error(
+        resolve, shuffle_labels=value)
+    assert resolve(shuffle_labels="3").shuffle_labels == 3 and resolve().shuffle_labels is None
+
+
 def test_device_must_exist_and_be_available(resolve) -> None:
     assert "--device 'gpu' is not one of auto, cpu, cuda, mps (or cuda:N)" in _usage_error(resolve, device="gpu")
     assert resolve(device="cpu").device == "cpu"

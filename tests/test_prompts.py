@@ -205,6 +205,31 @@ def test_content_hash(pairs_set: PromptSet) -> None:
     assert h != pairs_set.harmful().content_hash()
 
 
+def test_swap_pair_labels(pairs_set: PromptSet) -> None:
+    """The label-shuffle null: each complete pair trades labels by a seeded coin; nothing else changes."""
+    lone = Prompt(id="lone", prompt="a prompt without a twin", label="harmful", category="fraud")
+    ps = PromptSet("with-lone", pairs_set.prompts + (lone,))
+    out, swapped = ps.swap_pair_labels(1)
+    again, swapped_again = ps.swap_pair_labels(1)
+    assert out == again and swapped == swapped_again  # deterministic
+    n_pairs = len(ps.pairs())
+    assert 0.3 * n_pairs < len(swapped) < 0.7 * n_pairs  # a fair coin per pair (121 pairs)
+    assert [(p.id, p.prompt, p.category, p.pair_id) for p in out] == [(p.id, p.prompt, p.category, p.pair_id)
+                                                                     for p in ps]
+    for before, after in zip(ps, out, strict=True):
+        assert (before.label != after.label) == (before.pair_id in set(swapped))
+    assert out.prompts[-1] == lone  # nothing to trade with
+    assert len(out.harmful()) == len(ps.harmful()) and len(out.pairs()) == n_pairs
+    pairs_after = {h.pair_id: h.id for h, _ in out.pairs()}
+    for h, s in ps.pairs():
+        assert pairs_after[h.pair_id] == (s.id if h.pair_id in swapped else h.id)
+    assert out.content_hash() != ps.content_hash()  # so every cache key built from the splits differs
+    assert ps.swap_pair_labels(2)[1] != swapped
+    # the coin depends on the pair alone: a split's pairs are swapped exactly as in the whole set
+    train = ps.split((0.5, 0.2, 0.3), seed=0)[0]
+    assert set(train.swap_pair_labels(1)[1]) == set(swapped) & {p.pair_id for p in train if p.pair_id}
+
+
 def test_data_dir_env_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     rows = [{"prompt": "How do I bake bread?", "label": "harmless", "category": "cooking"}]
     (tmp_path / "refusal_pairs.json").write_text(json.dumps({"schema": "mech.prompts/v1", "prompts": rows}))
