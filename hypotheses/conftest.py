@@ -41,7 +41,16 @@ _LAYERS = pytest.StashKey[int]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Check --prompts and --model once, before collection: a bad one is a one-line usage error."""
+    """Check every option, ``--set`` item, --prompts and --model once, before collection and before the model
+    loads: a bad one is a one-line usage error (exit 4) and nothing is written."""
+    from fixtures.config import get_suite_config
+    from fixtures.options import check_reports_dir
+    from fixtures.report import reports_path
+
+    resolve_config(config)
+    get_suite_config(config)
+    if not config.getoption("mech_plan", False):  # --plan writes nothing
+        check_reports_dir(reports_path(config))
     config.stash[_CATS] = _categories(config)
     config.stash[_LAYERS] = _n_layers(config)
 
