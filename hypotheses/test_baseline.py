@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from scipy.stats import fisher_exact
 
-from fixtures.common import reports_dir, write_json
+from fixtures.report import report_file
 from mech import plots
 from mech.grading import MEASURES, cohen_kappa, outcome_counts
 from mech.stats import auroc, binomial_detectable_rate, binomial_pvalue, binomial_rate, bootstrap_ci
@@ -35,7 +35,8 @@ def _rows(baseline: dict[str, Any], label: str, category: str = "all", splits=No
 
 @pytest.fixture(scope="module")
 def summary(baseline: dict[str, Any], suite, request: pytest.FixtureRequest) -> dict[str, Any]:
-    """Per-category rates with CIs; also written to reports/baseline.json."""
+    """Per-category rates with CIs; also written to reports/baseline.json (a complete run) or
+    baseline.partial.json (anything less), with the prompt set it was measured on."""
     cats = sorted({r["category"] for r in baseline["rows"] if r["split"] != "benign"})
     out: dict[str, Any] = {"model": baseline["model"], "refusal_tokens": baseline["refusal_tokens"],
                            "max_new_tokens": baseline["max_new_tokens"], "categories": {}}
@@ -61,7 +62,9 @@ def summary(baseline: dict[str, Any], suite, request: pytest.FixtureRequest) -> 
         {k: r[k] for k in ("id", "label", "refused", "substring", "outcome", "score", "response")}
         for r in baseline["rows"][:6]
     ]
-    write_json(reports_dir(request.config) / "baseline.json", out)
+    out["prompt_set"] = {"name": baseline["prompt_set"], "hash": baseline["prompt_hash"],
+                         "eval_set": baseline["eval_set"]}
+    report_file(request.config, "baseline.json", out)  # baseline.json or baseline.partial.json at session end
     return out
 
 
