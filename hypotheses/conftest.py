@@ -126,6 +126,20 @@ _CATS = pytest.StashKey[list]()
 _LAYERS = pytest.StashKey[int]()
 
 
+def _check_expressions(config: pytest.Config) -> None:
+    """A malformed ``-k`` / ``-m`` expression is refused before anything (pytest itself finds it only after
+    collection, so ``--plan`` printed the plan first)."""
+    from _pytest.mark.expression import Expression
+
+    for flag, expr in (("-k", config.option.keyword), ("-m", config.option.markexpr)):
+        if expr and expr.strip():
+            try:
+                Expression.compile(expr.lstrip())
+            except SyntaxError as e:
+                raise pytest.UsageError(f"Wrong expression passed to '{flag}': {expr}: at column {e.offset}: {e.msg}; "
+                                        "fix the expression (e.g. -k \"layer12 and attn\")") from None
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Check every option, ``--set`` item, --prompts and --model once, before collection and before the model
     loads: a bad one is a one-line usage error (exit 4) and nothing is written."""
@@ -133,6 +147,7 @@ def pytest_configure(config: pytest.Config) -> None:
     from fixtures.options import check_reports_dir
     from fixtures.report import reports_path
 
+    _check_expressions(config)
     resolve_config(config)
     get_suite_config(config)
     if not config.getoption("mech_plan", False):  # --plan writes nothing
