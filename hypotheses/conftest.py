@@ -190,3 +190,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             info = getattr(item, "_fixtureinfo", None)
             if info is not None and set(_NEEDS_GRADIENTS) & set(info.names_closure):
                 item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int):
+    """An interrupted or stopped run (Ctrl-C, -x) ran only some snapshot tests: syrupy would call the others
+    unused, add 1 to the exit status (Ctrl-C gave 3, an internal error's code) and advise --snapshot-update,
+    which deletes the committed snapshots. Only a run that reached its end may judge snapshots unused."""
+    if exitstatus == pytest.ExitCode.INTERRUPTED or session.shouldstop or session.shouldfail:
+        if hasattr(session.config.option, "disable_unused_snapshots"):
+            session.config.option.disable_unused_snapshots = True
+    yield
