@@ -214,3 +214,51 @@ def test_a_corrupt_cache_entry_is_named_deleted_and_recomputed(tmp_path):
     msgs = [str(x.message) for x in w if issubclass(x.category, RuntimeWarning)]
     assert any(str(entry) in m and "corrupt" in m and "deleted it and recomputing" in m for m in msgs), msgs
     assert "\n" not in msgs[0]
+
+
+@pytest.mark.slow
+def test_ctrl_c_exits_2_keeps_the_last_report_and_names_the_partial_page(tmp_path: Path) -> None:
+    """Ctrl-C in the middle of ``pytest hypotheses/`` (tiny model): exit 2 (interrupted), not 3; syrupy neither
+    calls the unreached snapshots unused nor advises ``--snapshot-update`` (which deletes them); the last complete
+    report is kept and the log names the page as it is on disk."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from fixtures.tiny_models import build_tiny_model
+    from tests.helpers import small_prompt_file
+
+    tiny = build_tiny_model("qwen2", seed=0)
+    tiny.model.save_pretrained(tmp_path / "tiny")
+    tiny.tokenizer.save_pretrained(tmp_path / "tiny")
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    (reports / "findings.json").write_text('{"last": "complete"}')
+    (reports / "hypotheses.html").write_text("<html>last complete</html>")
+    env = {**os.environ, "MECH_REPORTS_DIR": str(reports), "MECH_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop("MECH_SET", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", str(ROOT / "hypotheses"), "--rootdir", str(ROOT), "-c",
+         str(ROOT / "pyproject.toml"), "-p", "no:cacheprovider", "--model", str(tmp_path / "tiny"), "--prompts",
+         str(small_prompt_file(tmp_path / "p.csv")), "--max-new-tokens", "4", "--no-progress", "-q"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:  # the plan is printed when the run starts: interrupt inside the first stages
+        lines.append(line)
+        if "no estimate" in line or "total if nothing is cached" in line:
+            time.sleep(2)
+            proc.send_signal(signal.SIGINT)
+            break
+    rest, _ = proc.communicate(timeout=300)
+    out = "".join(lines) + rest
+    assert proc.returncode == pytest.ExitCode.INTERRUPTED, out[-3000:]
+    assert "--snapshot-update" not in out and "snapshots unused" not in out
+    assert "KeyboardInterrupt" in out and "INTERNALERROR" not in out
+    assert json.loads((reports / "findings.json").read_text()) == {"last": "complete"}
+    assert (reports / "hypotheses.html").read_text() == "<html>last complete</html>"
+    assert (reports / "findings.partial.json").is_file() and (reports / "hypotheses.partial.html").is_file()
+    assert f"Generated html report: {(reports / 'hypotheses.partial.html').resolve().as_uri()}" in out
+    assert not list(reports.glob(".*inprogress*"))
