@@ -170,8 +170,9 @@ def suite_usage_error(pytester: pytest.Pytester, tmp_path: Path, monkeypatch, ti
     (["--plan", "--set", "alpha=1.5"], {}, "alpha must lie in (0, 1)"),
     (["--plan", "-k", "layer12 and"], {}, "Wrong expression passed to '-k': layer12 and: at column 12"),
     (["--max-new-tokens", "600"], {}, "--max-new-tokens 600 is not below the context of tiny-qwen2 (512 tokens)"),
+    ([], {"MECH_NO_CACHE": "yess"}, "ERROR: MECH_NO_CACHE='yess' is not one of 1, true, yes, 0, false, no"),
 ], ids=["type", "unknown", "no_equals", "split", "alpha", "harmful_min", "quantile", "empty_null", "env", "plan",
-        "plan_bad_k", "max_new_tokens_vs_context"])
+        "plan_bad_k", "max_new_tokens_vs_context", "switch_env"])
 def test_bad_input_is_one_line_exit_4_before_the_model_loads(pytester, tmp_path, monkeypatch, tiny_dir, args, env,
                                                               fragment) -> None:
     line = suite_usage_error(pytester, tmp_path, monkeypatch, tiny_dir, *args, env=env)
