@@ -5,6 +5,7 @@ drawn. Then the one-line refusals of bad input and of a model that does not fit,
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -215,9 +216,13 @@ def test_a_prompt_file_that_does_not_validate_is_one_line(tmp_path: Path):
 def test_an_eval_prompt_set_trains_on_the_pairs_and_judges_on_the_file(tmp_path: Path):
     """``--prompts eval:FILE``: the run keeps the project's pairs for training and selection (no ``--prompts``)
     and passes FILE as the suite's ``--eval-prompts``, which the suite itself accepts (collect-only preflight)."""
-    from mech.replicate import _pytest_args, plan_runs, preflight
+    from mech.replicate import ReplicationError, _pytest_args, plan_runs, preflight
 
-    bench = small_prompt_file(tmp_path / "bench.csv", harmless=False)
+    leaky = small_prompt_file(tmp_path / "leaky.csv", harmless=False)  # the project's own pairs: leakage
+    bench = tmp_path / "bench.csv"  # a benchmark of other texts (issue 26: texts, not ids, must be disjoint)
+    with open(leaky, newline="") as src, open(bench, "w", newline="") as dst:
+        rows = list(csv.reader(src))
+        csv.writer(dst).writerows([rows[0]] + [[r[0], r[1] + " (as asked in a forum)", *r[2:]] for r in rows[1:]])
     tiny = build_tiny_model("qwen2", seed=0)
     tiny.model.save_pretrained(tmp_path / "tiny")
     tiny.tokenizer.save_pretrained(tmp_path / "tiny")
@@ -230,6 +235,9 @@ def test_an_eval_prompt_set_trains_on_the_pairs_and_judges_on_the_file(tmp_path:
     assert "--eval-prompts" not in _pytest_args(pairs, opts)
     claims = preflight(ev, opts, tmp_path / "work")
     assert any("test_harmful_refusal_rate" in c for c in claims)
+    leak = plan_runs([str(tmp_path / "tiny")], [f"eval:{leaky}"])[0]
+    with pytest.raises(ReplicationError, match="have the text of a prompt that selects"):
+        preflight(leak, opts, tmp_path / "work2")
 
 
 def test_a_model_whose_extra_is_not_installed_names_the_extra(tmp_path: Path, monkeypatch):
