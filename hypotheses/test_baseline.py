@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from scipy.stats import fisher_exact
 
-from fixtures.common import reports_dir, write_json
+from fixtures.report import report_file
 from mech import plots
 from mech.grading import MEASURES, cohen_kappa, outcome_counts
 from mech.stats import auroc, auroc_ci, binomial_detectable_rate, binomial_pvalue, binomial_rate, bootstrap_ci
@@ -37,7 +37,8 @@ def _rows(baseline: dict[str, Any], label: str, category: str = "all", splits=No
 
 @pytest.fixture(scope="module")
 def summary(baseline: dict[str, Any], suite, request: pytest.FixtureRequest) -> dict[str, Any]:
-    """Per-category rates with CIs; also written to reports/baseline.json."""
+    """Per-category rates with CIs; also written to reports/baseline.json (a complete run) or
+    baseline.partial.json (anything less), with the prompt set it was measured on."""
     cats = sorted({r["category"] for r in baseline["rows"] if r["split"] != "benign"})
     out: dict[str, Any] = {"model": baseline["model"], "refusal_tokens": baseline["refusal_tokens"],
                            "max_new_tokens": baseline["max_new_tokens"], "categories": {}}
@@ -63,7 +64,9 @@ def summary(baseline: dict[str, Any], suite, request: pytest.FixtureRequest) -> 
         {k: r[k] for k in ("id", "label", "refused", "substring", "outcome", "score", "response")}
         for r in baseline["rows"][:6]
     ]
-    write_json(reports_dir(request.config) / "baseline.json", out)
+    out["prompt_set"] = {"name": baseline["prompt_set"], "hash": baseline["prompt_hash"],
+                         "eval_set": baseline["eval_set"]}
+    report_file(request.config, "baseline.json", out)  # baseline.json or baseline.partial.json at session end
     return out
 
 
@@ -210,6 +213,9 @@ def test_over_refusal(summary, suite, claim):
     Fisher exact test, p < alpha); their over-refusal rate is reported with its 95% CI."""
     b = summary["benign_alarming"]
     h = summary["categories"]["all"]["harmful"]
+    if not b["n"] or not h["n"]:
+        pytest.skip(f"over-refusal compares benign-but-alarming with harmful prompts: {b['n']} benign, {h['n']} "
+                    "harmful in this run; add harmful prompts to the prompt file")
     table = [[b["k"], b["n"] - b["k"]], [h["k"], h["n"] - h["k"]]]
     res = fisher_exact(table, alternative="less")
     p = float(res.pvalue)

@@ -114,6 +114,8 @@ class DiskCache:
         self.enabled = enabled
         self.computed: Counter[str] = Counter()
         self.loaded: Counter[str] = Counter()
+        self.unstored: Counter[str] = Counter()  # computed but not stored (read-only or full cache dir)
+        self.unstored_reason: str = ""
 
     @property
     def hits(self) -> int:
@@ -177,7 +179,10 @@ class DiskCache:
                     return value
             self.computed[namespace] += 1
             value = fn()
-            self.store(path, value, fmt)
+            try:
+                self.store(path, value, fmt)
+            except OSError as e:  # a full disk: the result is not lost, only not kept
+                self._warn_unstored(namespace, path, e)
             return value
         finally:
             lock.release()
@@ -187,21 +192,33 @@ class DiskCache:
             return False, None
         try:
             value = self.load(path, fmt)
-        except (OSError, ValueError, RuntimeError):
+        except Exception as e:  # truncated JSON, a garbled torch pickle (UnpicklingError, EOFError, ...)
             if unlink_bad:  # unreadable entry (only under the lock): recompute it
-                path.unlink(missing_ok=True)
+                try:
+                    path.unlink(missing_ok=True)
+                    what = "deleted it and recomputing"
+                except OSError:
+                    what = f"could not delete it: delete {path} by hand"
+                warnings.warn(f"cache entry {path} is corrupt ({type(e).__name__}); {what}", RuntimeWarning,
+                              stacklevel=3)
             return False, None
         self.loaded[namespace] += 1
         return True, value
 
-    def _compute_unstored(self, namespace: str, path: Path, fn: Callable[[], T], err: OSError) -> T:
+    def _warn_unstored(self, namespace: str, path: Path, err: OSError) -> None:
+        self.unstored[namespace] += 1
+        self.unstored_reason = (f"cache dir {self.root} could not be written ({err.strerror or type(err).__name__}) "
+                                f"for {sum(self.unstored.values())} entr{'y' if sum(self.unstored.values()) == 1 else 'ies'}")
         warnings.warn(
             f"cache dir {self.root} is not writable ({err.strerror or type(err).__name__}): computing "
-            f"{path.parent.name}/{path.name} without storing it; make the directory writable or pass another "
-            "--cache-dir to keep results",
+            f"{path.parent.name}/{path.name} without storing it; make the directory writable, free space or pass "
+            "another --cache-dir to keep results",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
+
+    def _compute_unstored(self, namespace: str, path: Path, fn: Callable[[], T], err: OSError) -> T:
+        self._warn_unstored(namespace, path, err)
         self.computed[namespace] += 1
         return fn()
 

@@ -467,6 +467,19 @@ def parse_max_memory(spec: str | dict | None) -> dict[int | str, int] | None:
     return out
 
 
+def load_tokenizer(name_or_path: str = DEFAULT_MODEL, cache_dir: str | Path | None = None) -> tuple[Any, Any, str]:
+    """(tokenizer, config, display name) of a model without loading its weights: what the context guard
+    (:mod:`mech.context`) needs before the model loads. Raises :class:`ModelError` (one line)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    src, kw, _, display = _resolve(name_or_path, cache)
+    try:
+        return AutoTokenizer.from_pretrained(src, **kw), AutoConfig.from_pretrained(src, **kw), display
+    except Exception as e:
+        raise ModelError(f"could not read the tokenizer or config of {name_or_path!r}: {type(e).__name__}") from e
+
+
 def n_layers_of(name_or_path: str = DEFAULT_MODEL, cache_dir: str | Path | None = None) -> int:
     """The number of decoder layers of a model, read from its config without loading weights."""
     from transformers import AutoConfig

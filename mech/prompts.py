@@ -100,6 +100,17 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+def normalize_prompt(text: str) -> str:
+    """A prompt's text for comparing prompts (leakage between splits and sets): Unicode NFKC, invisible format
+    characters (zero-width space, BOM, ...) removed, case folded, whitespace collapsed. Empty for a prompt
+    that shows nothing."""
+    import unicodedata
+
+    text = unicodedata.normalize("NFKC", text)
+    text = "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
+    return " ".join(text.casefold().split())
+
+
 def _snippet(value: Any, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -320,12 +331,52 @@ class PromptSet:
         todo = set(swapped)
         rows = [dataclasses.replace(p, label=flip[p.label]) if p.pair_id in todo else p for p in self.prompts]
         return self._subset(f"labels swapped seed={seed}", rows), swapped
+    def duplicate_texts(self) -> list[list[str]]:
+        """Ids of the rows that share a prompt text (:func:`normalize_prompt`), one list per repeated text."""
+        groups: dict[str, list[str]] = {}
+        for p in self.prompts:
+            groups.setdefault(normalize_prompt(p.prompt), []).append(p.id)
+        return [g for g in groups.values() if len(g) > 1]
+
+    def same_texts(self, other: PromptSet) -> list[tuple[Prompt, Prompt]]:
+        """(row of ``other``, row of this set) for every row of ``other`` whose text (:func:`normalize_prompt`) is
+        also in this set: what an evaluation set must not share with the prompts that select."""
+        mine = {normalize_prompt(p.prompt): p for p in self.prompts}
+        return [(q, mine[t]) for q in other.prompts if (t := normalize_prompt(q.prompt)) in mine]
+
+    def _unit_key(self, p: Prompt) -> str:
+        """The split unit of a row: its pair (or itself), merged with every unit that repeats one of its texts,
+        so a duplicated prompt text never lands in two splits (a unit's key is the least of its merged keys)."""
+        cache = self.__dict__.get("_units")
+        if cache is None:
+            parent: dict[str, str] = {}
+
+            def find(k: str) -> str:
+                while parent.setdefault(k, k) != k:
+                    k = parent[k]
+                return k
+
+            first: dict[str, str] = {}
+            for q in self.prompts:
+                key = f"pair:{q.pair_id}" if q.pair_id is not None else f"id:{q.id}"
+                find(key)
+                t = normalize_prompt(q.prompt)
+                if t in first:
+                    a, b = find(first[t]), find(key)
+                    if a != b:
+                        parent[max(a, b)] = min(a, b)
+                else:
+                    first[t] = key
+            cache = {k: find(k) for k in list(parent)}
+            object.__setattr__(self, "_units", cache)
+        return cache[f"pair:{p.pair_id}" if p.pair_id is not None else f"id:{p.id}"]
 
     def split(self, fractions: Sequence[float] = (0.6, 0.2, 0.2), seed: int = 0) -> tuple[PromptSet, ...]:
         """Split into ``len(fractions)`` disjoint sets, by pair and stratified by category.
 
         Both members of a pair always land in the same part; a row without a pair_id is its own
-        unit. Units are grouped by category (a pair's category is that of its harmful member), and
+        unit; units that repeat a prompt text (:meth:`duplicate_texts`) are one unit, so the same text is never
+        selected on in one part and judged in another. Units are grouped by category (a pair's category is that of its harmful member), and
         each category's units are ordered by a seeded hash of their key and cut by the
         largest-remainder method, so every category with at least one unit appears in the first
         part (when ``fractions[0] > 0``). The result depends only on the rows and ``seed``; each
@@ -339,8 +390,7 @@ class PromptSet:
             raise ValueError(f"split fractions must be non-negative and sum to 1, got {tuple(fractions)!r}")
         units: dict[str, list[Prompt]] = {}
         for p in self.prompts:
-            key = f"pair:{p.pair_id}" if p.pair_id is not None else f"id:{p.id}"
-            units.setdefault(key, []).append(p)
+            units.setdefault(self._unit_key(p), []).append(p)
         by_cat: dict[str, list[str]] = {}
         for key, members in units.items():
             lead = next((m for m in members if m.label == "harmful"), members[0])
@@ -355,8 +405,7 @@ class PromptSet:
                 start += count
         parts: list[list[Prompt]] = [[] for _ in fracs]
         for p in self.prompts:
-            key = f"pair:{p.pair_id}" if p.pair_id is not None else f"id:{p.id}"
-            parts[part_of[key]].append(p)
+            parts[part_of[self._unit_key(p)]].append(p)
         k = len(fracs)
         return tuple(self._subset(f"split {i + 1}/{k} seed={seed}", rows) for i, rows in enumerate(parts))
 
@@ -458,6 +507,14 @@ def _csv_rows(path: Path, text: str) -> list[dict[str, Any]]:
         except StopIteration:
             break
         except csv.Error as exc:
+            if "field larger than field limit" in str(exc):
+                raise _error(
+                    path,
+                    f"a field longer than {csv.field_size_limit()} characters (line {reader.line_num})",
+                    "a prompt this long does not fit a model's context: shorten it (an unclosed quote also reads "
+                    "the rest of the file as one field)",
+                    row=n + 1,
+                ) from exc
             raise _error(
                 path,
                 f"not valid CSV at line {reader.line_num}: {exc}",
@@ -542,6 +599,9 @@ def _build(path: Path, name: str, raw_rows: list[Any]) -> PromptSet:
         text = _row_string(path, row, "prompt", n, required=True)
         if not text or not text.strip():
             raise _error(path, "empty prompt", "write the prompt text or delete the row", row=n)
+        if not normalize_prompt(text):
+            raise _error(path, "empty prompt (only whitespace and invisible characters such as zero-width spaces)",
+                         "write the prompt text or delete the row", row=n)
         label = (_row_string(path, row, "label", n, required=True) or "").strip().lower()
         if label not in LABELS:
             raise _error(
@@ -601,6 +661,8 @@ def load_prompts(path: str | Path) -> PromptSet:
     """
     p = Path(path)
     suffix = p.suffix.lower()
+    if not p.exists():
+        raise _error(p, "file not found", "pass the path of an existing .json or .csv prompt file")
     if suffix not in (".json", ".csv"):
         raise _error(
             p, f"unsupported file type {suffix or '(no extension)'!r}", "use a .json or .csv prompt file"

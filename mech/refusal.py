@@ -75,6 +75,25 @@ class RefusalIdsError(ValueError):
     """Refusal token ids that no score can be computed from (none, not integers, or outside the vocabulary)."""
 
 
+def shortest_marker(tokenizer: Any, markers: Sequence[str] | None = None) -> tuple[int, str]:
+    """The fewest response tokens in which a refusal marker can appear, and that marker: each marker of
+    ``data/refusal_markers.json`` (or ``markers``) tokenized by ``tokenizer`` as written, capitalized, and after a
+    space, the minimum over all. A greedy completion shorter than this can never be called a refusal by the
+    substring detector (e.g. ``--max-new-tokens 1``), so a refusal count from it is no evidence. Tokenizer only:
+    no forward."""
+    if markers is None:
+        from mech.prompts import refusal_markers
+
+        markers = refusal_markers()
+    best: tuple[int, str] = (10**9, "")
+    for m in markers:
+        for v in (m, m[:1].upper() + m[1:]):
+            for text in (v, " " + v):
+                n = len(tokenizer.encode(text, add_special_tokens=False))
+                best = min(best, (n, v))
+    return best
+
+
 def check_refusal_ids(refusal_ids: Any, d_vocab: int | None = None) -> tuple[int, ...]:
     """``refusal_ids`` as a tuple of ints, checked: at least one, integers, each in ``0..d_vocab-1`` (when
     ``d_vocab`` is given). Raises :class:`RefusalIdsError` (one line) otherwise."""

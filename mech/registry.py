@@ -264,7 +264,9 @@ def _dequantize(gguf: Path, fingerprint: str, final: Path) -> None:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model: Any = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     except Exception as e:  # transformers raises many types here; the user needs one line
-        raise ModelError(f"corrupt or unsupported GGUF {gguf}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise ModelError(f"corrupt or unsupported GGUF {gguf} ({type(e).__name__}: {first}); download the file "
+                         "again (compare its sha256) or pass another --model") from e
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer = None
     if getattr(model.config, "quantization_config", None) is not None:

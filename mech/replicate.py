@@ -8,7 +8,8 @@ hypothesis for each (model, prompt set) combination and draws the comparison.
    prompt files load and validate, and each model fits this machine (:func:`memory_plan`: the
    :mod:`mech.memory` estimate at the run's dtype/quantization against available RAM, or GPU memory on CUDA).
    A model that would swap is refused, not started. A collect-only pass of the suite then checks the
-   ``--set`` items and the suite options exactly as the runs will see them.
+   ``--set`` items (with the suite's own validator, ``python -m fixtures.config``) and the suite options exactly
+   as the runs will see them.
    A prompt set is ``pairs`` (the project's), a file (trained, selected and judged on), or ``eval:FILE``
    (trained and selected on the pairs, judged on FILE: the suite's ``--eval-prompts``).
 2. For each (model, prompt set), run ``pytest hypotheses/ -m primary`` as a subprocess with its own reports dir
@@ -27,7 +28,6 @@ hypothesis for each (model, prompt set) combination and draws the comparison.
 
 from __future__ import annotations
 
-import ast
 import datetime as _dt
 import hashlib
 import html
@@ -167,6 +167,10 @@ def check_inputs(models: Sequence[str], prompts: Sequence[str], cache_dir: Path)
     if not (ROOT / "hypotheses").is_dir():
         raise ReplicationError(f"the hypothesis suite is not next to this mech package ({ROOT / 'hypotheses'} is "
                                "missing); run replicate from a checkout of the repository")
+    for flag, given in (("--models", models), ("--prompts", prompts)):
+        dup = next((x for i, x in enumerate(given) if x in given[:i]), None)
+        if dup is not None:
+            raise ReplicationError(f"{flag} names {dup} twice: each run would repeat the other; list it once")
     for m in models:
         try:
             check_model_source(m, cache_dir)
@@ -186,47 +190,16 @@ def check_inputs(models: Sequence[str], prompts: Sequence[str], cache_dir: Path)
             raise ReplicationError(f"--prompts {item}: {e}") from None
 
 
-def suite_fields() -> dict[str, Any]:
-    """The suite configuration's fields and defaults, read from ``fixtures/config.py`` without importing the
-    suite (the library never imports it): what ``--set NAME=VALUE`` may name."""
-    tree = ast.parse((ROOT / "fixtures" / "config.py").read_text())
-    cls = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "SuiteConfig"), None)
-    if cls is None:
-        return {}
-    out = {}
-    for node in cls.body:
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            try:
-                out[node.target.id] = ast.literal_eval(node.value) if node.value is not None else None
-            except ValueError:
-                out[node.target.id] = None
-    return out
-
-
 def check_set_items(items: Sequence[str]) -> None:
-    """Each ``--set`` item names a suite configuration field and parses as that field's type (the suite checks
-    ranges when it starts; a run it refuses stops the replication)."""
-    fields = suite_fields()
-    for item in items:
-        name, sep, text = item.partition("=")
-        name, text = name.strip().replace("-", "_"), text.strip()
-        if not sep:
-            raise ReplicationError(f"--set {item!r}: expected NAME=VALUE, e.g. --set n_random_primary=200")
-        if fields and name not in fields:
-            raise ReplicationError(f"--set {item!r}: {name!r} is not a field of the suite configuration "
-                                   f"(fixtures/config.py SuiteConfig): {', '.join(fields)}")
-        default = fields.get(name)
-        try:
-            if isinstance(default, bool):
-                if text.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-                    raise ValueError(f"expected true or false, got {text!r}")
-            elif isinstance(default, tuple):
-                [float(x) for x in text.split(",")]
-            elif isinstance(default, (int, float)):
-                type(default)(text)
-        except ValueError as e:
-            raise ReplicationError(f"--set {item!r}: {e}; {name} is {type(default).__name__} "
-                                   f"(default {default!r})") from None
+    """Each ``--set`` item (and ``MECH_SET``) checked by the suite's own validator (``fixtures/config.py``
+    :func:`parse_set`: form, field, type, range, consistency), run as ``python -m fixtures.config`` so the library
+    imports nothing of the suite: the same one line the suite and ``--plan`` give, before anything runs."""
+    proc = subprocess.run([sys.executable, "-m", "fixtures.config", *items], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                              [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])})
+    if proc.returncode != 0:
+        lines = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
+        raise ReplicationError(lines[-1] if lines else f"--set: the suite's validator exited {proc.returncode}")
 
 
 def _usage_error(res: RunResult) -> str | None:

@@ -7,6 +7,10 @@ that says what is wrong and how to fix it, before anything expensive runs, and n
 * the cache and model preparation: a warm read-only cache, temporary files of a killed preparation, a hub id
   offline;
 * the suite's options (``resolve_config``): --max-new-tokens, --device, --cache-dir, --ray-address, --prompts.
+
+Issue 26 continues by concern: ``test_bad_input_options.py`` (every option and ``--set`` item before the model
+loads), ``test_bad_input_data.py`` (context, memory, degenerate settings, leakage, 4-bit on CPU, prompt files) and
+``test_bad_input_report.py`` (no bad input replaces the last complete report).
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ drawn. Then the one-line refusals of bad input and of a model that does not fit,
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -216,9 +217,13 @@ def test_a_prompt_file_that_does_not_validate_is_one_line(tmp_path: Path):
 def test_an_eval_prompt_set_trains_on_the_pairs_and_judges_on_the_file(tmp_path: Path):
     """``--prompts eval:FILE``: the run keeps the project's pairs for training and selection (no ``--prompts``)
     and passes FILE as the suite's ``--eval-prompts``, which the suite itself accepts (collect-only preflight)."""
-    from mech.replicate import _pytest_args, plan_runs, preflight
+    from mech.replicate import ReplicationError, _pytest_args, plan_runs, preflight
 
-    bench = small_prompt_file(tmp_path / "bench.csv", harmless=False)
+    leaky = small_prompt_file(tmp_path / "leaky.csv", harmless=False)  # the project's own pairs: leakage
+    bench = tmp_path / "bench.csv"  # a benchmark of other texts (issue 26: texts, not ids, must be disjoint)
+    with open(leaky, newline="") as src, open(bench, "w", newline="") as dst:
+        rows = list(csv.reader(src))
+        csv.writer(dst).writerows([rows[0]] + [[r[0], r[1] + " (as asked in a forum)", *r[2:]] for r in rows[1:]])
     tiny = build_tiny_model("qwen2", seed=0)
     tiny.model.save_pretrained(tmp_path / "tiny")
     tiny.tokenizer.save_pretrained(tmp_path / "tiny")
@@ -231,6 +236,9 @@ def test_an_eval_prompt_set_trains_on_the_pairs_and_judges_on_the_file(tmp_path:
     assert "--eval-prompts" not in _pytest_args(pairs, opts)
     claims = preflight(ev, opts, tmp_path / "work")
     assert any("test_harmful_refusal_rate" in c for c in claims)
+    leak = plan_runs([str(tmp_path / "tiny")], [f"eval:{leaky}"])[0]
+    with pytest.raises(ReplicationError, match="have the text of a prompt that selects"):
+        preflight(leak, opts, tmp_path / "work2")
 
 
 def test_a_model_whose_extra_is_not_installed_names_the_extra(tmp_path: Path, monkeypatch):
@@ -247,20 +255,18 @@ def test_a_model_whose_extra_is_not_installed_names_the_extra(tmp_path: Path, mo
     assert not (tmp_path / "r").exists()
 
 
-@pytest.mark.slow
-def test_a_set_value_the_suite_refuses_stops_the_replication(tmp_path: Path):
-    """A value of the right type that the suite refuses (here 0 null draws) stops after the first run, saying
-    why, instead of giving every run of every model a column of errors."""
+def test_a_set_value_the_suite_refuses_stops_the_replication_before_any_run(tmp_path: Path):
+    """A value of the right type that the suite refuses (here 0 null draws) is refused by the suite's own
+    validator before any run starts (issue 26: it used to stop only after the first run)."""
     tiny = build_tiny_model("qwen2", seed=0)
     tiny.model.save_pretrained(tmp_path / "tiny")
     tiny.tokenizer.save_pretrained(tmp_path / "tiny")
-    res = _run_cli("--models", f"{tmp_path / 'tiny'},{tmp_path / 'tiny'}", "--set", "n_random_primary=0",
+    res = _run_cli("--models", str(tmp_path / "tiny"), "--set", "n_random_primary=0",
                    "--out", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "cache"))
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
     assert res.returncode == 2 and len(errors) == 1, res.stderr
-    assert "n_random_primary must be at least 1" in errors[0] and "tiny__pairs" in errors[0], errors
-    assert not (tmp_path / "r" / "replication" / "tiny__pairs-2").exists(), "the second run started"
-    assert not (tmp_path / "r" / "replication.json").exists()
+    assert "n_random_primary must be at least 1, got 0" in errors[0], errors
+    assert not (tmp_path / "r").exists(), "a run started"
 
 
 def test_a_run_without_findings_is_an_error_cell_never_a_verdict(tmp_path: Path):

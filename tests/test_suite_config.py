@@ -39,7 +39,7 @@ def test_defaults_are_frozen_and_overridable():
     ("n_random=5", "NAME one of the suite configuration's fields"),
     ("alpha", "expected NAME=VALUE"),
     ("alpha=2", "alpha must lie in (0, 1)"),
-    ("n_random_primary=lots", "invalid literal"),
+    ("n_random_primary=lots", "expected an integer, got 'lots'"),
     ("split=0.5,0.5,0.5", "three positive fractions summing to 1"),
     ("gate_open=maybe", "expected true or false"),
     ("gate_separation=false", "was replaced by gate_auroc_min"),
