@@ -404,8 +404,8 @@ def resolve_judge(option: str | None, model: str, cache_dir: str | Path | None =
             return None, f"auto: no judge ({e})"
         return DEFAULT_JUDGE, f"auto: the default judge {DEFAULT_JUDGE} is installed"
     if _same_model(opt, model):
-        raise ModelError(f"judge {opt!r} is the model under study: a model never judges its own completions; "
-                         f"use another judge (e.g. --judge {DEFAULT_JUDGE} for another model) or --judge none")
+        raise ModelError(f"--judge {opt} is the model under study: a model never judges its own completions; pick "
+                         f"another judge (e.g. --judge {DEFAULT_JUDGE} for another model) or --judge none")
     check_judge_name(opt, cache_dir)
     return opt, f"--judge {opt}"
 

@@ -116,7 +116,7 @@ def test_too_few_new_tokens_make_refusal_claims_not_tested(pytester, tmp_path, m
         str(ROOT / "hypotheses"), "--rootdir", str(ROOT), "-c", str(ROOT / "pyproject.toml"), "-p",
         "no:cacheprovider", "--model", str(tiny_dir), "--prompts", str(small_prompt_file(tmp_path / "p.csv")),
         "--cache-dir", str(tmp_path / "cache"), "--max-new-tokens", "2", "--set", "min_refusals=0", "--set",
-        "gate_separation=false", "-k", "test_harmful_refusal_rate or ranked_heads_beat", "-q", timeout=600)
+        "gate_open=true", "-k", "test_harmful_refusal_rate or ranked_heads_beat", "-q", timeout=600)
     claims = json.loads((reports / "findings.partial.json").read_text())["claims"]
     assert len(claims) >= 2, result.stdout.str()[-2000:]
     for c in claims:

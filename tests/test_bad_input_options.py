@@ -43,7 +43,7 @@ BAD_SET = [
     ("head_fraction=0", "head_fraction must lie in (0, 1], got 0"),
     ("kl_threshold=-1", "kl_threshold must be > 0, got -1"),
     ("harmless_max=0.9", "harmless_max (0.9) must be below harmful_min (0.8)"),
-    ("gate_separation=maybe", "expected true or false, got 'maybe'"),
+    ("gate_open=maybe", "expected true or false, got 'maybe'"),
 ]
 
 
@@ -56,9 +56,9 @@ def test_bad_set_item_is_one_line_naming_value_and_fix(item: str, fragment: str)
 
 def test_good_set_items_and_meaningful_zeros_pass() -> None:
     cfg = parse_set([("--set", "min_refusals=0"), ("--set", "n_random_primary=5"), ("--set", "split=0.6,0.2,0.2"),
-                     ("--set", "gate_separation=off"), ("--set", "induce_threshold=-2")], 64)
-    assert (cfg.min_refusals, cfg.n_random_primary, cfg.split, cfg.gate_separation, cfg.induce_threshold) == (
-        0, 5, (0.6, 0.2, 0.2), False, -2.0)
+                     ("--set", "gate_open=on"), ("--set", "induce_threshold=-2")], 64)
+    assert (cfg.min_refusals, cfg.n_random_primary, cfg.split, cfg.gate_open, cfg.induce_threshold) == (
+        0, 5, (0.6, 0.2, 0.2), True, -2.0)
     assert parse_set([], 256).max_new_tokens == 256  # a long generation with the default length probe is fine
 
 
@@ -77,7 +77,8 @@ def test_every_numeric_field_has_a_rule_or_a_kind_rule() -> None:
         default = getattr(d, name)
         rule = _rule(name, default)
         if isinstance(default, int) and not isinstance(default, bool) and name.startswith("n_"):
-            assert rule is not None and not rule.holds(0) and rule.holds(default), name
+            # a count is at least 1, unless its rule says why 0 means something (e.g. "leave that control out")
+            assert rule is not None and (not rule.holds(0) or rule.why) and rule.holds(default), name
         if rule is not None:
             assert rule.holds(default), f"the default of {name} breaks its own rule"
     assert _rule("n_new_count_of_issue_21", 100).describe() == "must be at least 1"
@@ -108,7 +109,7 @@ def test_replicate_uses_the_suites_validator() -> None:
         with pytest.raises(ReplicationError) as rep_err:
             check_set_items([item])
         assert str(rep_err.value) == str(suite_err.value)
-    check_set_items(["n_random_primary=5", "gate_separation=false"])
+    check_set_items(["n_random_primary=5", "gate_open=false"])
 
 
 def test_replicate_refuses_a_model_or_prompt_set_named_twice(tmp_path: Path) -> None:

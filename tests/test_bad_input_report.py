@@ -238,27 +238,39 @@ def test_ctrl_c_exits_2_keeps_the_last_report_and_names_the_partial_page(tmp_pat
     (reports / "hypotheses.html").write_text("<html>last complete</html>")
     env = {**os.environ, "MECH_REPORTS_DIR": str(reports), "MECH_CACHE_DIR": str(tmp_path / "cache")}
     env.pop("MECH_SET", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pytest", str(ROOT / "hypotheses"), "--rootdir", str(ROOT), "-c",
-         str(ROOT / "pyproject.toml"), "-p", "no:cacheprovider", "--model", str(tmp_path / "tiny"), "--prompts",
-         str(small_prompt_file(tmp_path / "p.csv")), "--max-new-tokens", "4", "--no-progress", "-q"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    assert proc.stdout is not None
-    lines = []
-    for line in proc.stdout:  # the plan is printed when the run starts: interrupt inside the first stages
-        lines.append(line)
-        if "no estimate" in line or "total if nothing is cached" in line:
-            time.sleep(2)
-            proc.send_signal(signal.SIGINT)
-            break
-    rest, _ = proc.communicate(timeout=300)
-    out = "".join(lines) + rest
+    prompts = small_prompt_file(tmp_path / "p.csv")
+
+    def interrupted_run() -> tuple[int, str]:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pytest", str(ROOT / "hypotheses"), "--rootdir", str(ROOT), "-c",
+             str(ROOT / "pyproject.toml"), "-p", "no:cacheprovider", "--model", str(tmp_path / "tiny"), "--prompts",
+             str(prompts), "--max-new-tokens", "4", "--no-progress", "-q"],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        assert proc.stdout is not None
+        lines = []
+        for line in proc.stdout:  # the plan is printed when the run starts: interrupt inside the first stages
+            lines.append(line)
+            if "no estimate" in line or "total if nothing is cached" in line:
+                time.sleep(2)
+                proc.send_signal(signal.SIGINT)
+                break
+        rest, _ = proc.communicate(timeout=300)
+        return proc.returncode, "".join(lines) + rest
+
+    code, out = interrupted_run()
+    # pytest's own KeyboardInterrupt report can fail where the interrupt lands in a frame without a line number
+    # (CPython 3.11: "unsupported operand type(s) for -: 'NoneType' and 'int'" in _pytest/_code/code.py): that
+    # is pytest's bug, not this project's; interrupt once more rather than fail on it
+    if code != pytest.ExitCode.INTERRUPTED and "'NoneType' and 'int'" in out and "_pytest/_code/code.py" in out:
+        code, out = interrupted_run()
+    proc = subprocess.CompletedProcess([], code)
     assert proc.returncode == pytest.ExitCode.INTERRUPTED, out[-3000:]
     assert "--snapshot-update" not in out and "snapshots unused" not in out
     assert "KeyboardInterrupt" in out and "INTERNALERROR" not in out
     assert json.loads((reports / "findings.json").read_text()) == {"last": "complete"}
     assert (reports / "hypotheses.html").read_text() == "<html>last complete</html>"
     assert (reports / "findings.partial.json").is_file() and (reports / "hypotheses.partial.html").is_file()
-    assert f"Generated html report: {(reports / 'hypotheses.partial.html').resolve().as_uri()}" in out
+    # the page is ours (hypotheses.partial.html); pytest-html's test log beside it is what its line names
+    assert f"Generated html report: {(reports / 'pytest-log.partial.html').resolve().as_uri()}" in out
     assert not list(reports.glob(".*inprogress*"))

@@ -110,7 +110,7 @@ def test_suite_runs_on_a_tiny_model(pytester: pytest.Pytester, tiny_run):
     html = (reports / "hypotheses.html").read_text()
     assert "Plotly" in html and not re.search(r"<script[^>]+src=[\"']https?://", html)  # plotly.js inlined
     assert "Primary claims" in html and "Suite configuration" in html and "Refusal measure" in html
-    assert "Exploratory claims" in html and "exploratory: " in html
+    assert "Exploratory claims" in html and "Not confirmatory" in html and "corrected p" in html
     m = findings["refusal_measure"]  # every refusal count names its measure; no judge by default
     assert m["decision"] == "substring+coherence" and m["judge"] is None
     assert m["coherence"]["nll_threshold"] > 0 and m["coherence"]["false_positive_rate"]["n"] > 0
