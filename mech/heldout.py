@@ -168,7 +168,8 @@ def parse_spec(spec: str) -> tuple[Source, ...]:
 
 
 class _Distribution(Protocol):
-    version: str
+    @property
+    def version(self) -> str: ...
 
     def locate_file(self, path: str) -> Any: ...
 
@@ -250,7 +251,7 @@ def _sample(rows: Sequence[tuple[str, str, str]], cap: int | None) -> list[tuple
     if cap is None or len(rows) <= cap:
         return list(rows)
     by_cat: dict[str, list[int]] = {}
-    for i, (sid, _, cat) in enumerate(rows):
+    for i, (_, _, cat) in enumerate(rows):
         by_cat.setdefault(cat, []).append(i)
     for cat in by_cat:
         by_cat[cat].sort(key=lambda i: hashlib.sha256(f"{SAMPLE_SEED}\x00{rows[i][0]}".encode()).hexdigest())
