@@ -187,7 +187,7 @@ def test_a_held_out_spec_the_suite_cannot_load_is_a_usage_error(pytester, tmp_pa
     assert line.startswith("ERROR: --eval-prompts: heldout:nosuch: unknown held-out set 'nosuch'"), line
 
 
-def _unpaired_bench(path: Path, n_harmless: int = 32, n_harmful: int = 8) -> Path:
+def _unpaired_bench(path: Path, n_harmless: int = 32, n_harmful: int = 16) -> Path:
     """A benchmark file without pair_ids: harmless questions and harmful requests, none in the project's pairs."""
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
@@ -200,7 +200,8 @@ def _unpaired_bench(path: Path, n_harmless: int = 32, n_harmful: int = 8) -> Pat
 
 
 @pytest.mark.slow
-def test_unpaired_harmless_rows_give_the_harmless_refusal_rate(pytester: pytest.Pytester, tmp_path: Path) -> None:
+def test_unpaired_harmless_rows_give_the_harmless_refusal_rate(pytester: pytest.Pytester, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """An --eval-prompts file of unpaired rows: the harmless refusal claim is judged on its harmless rows (not `not
     tested` for want of twins); findings.json records the plan's hash and the file's identity; the per-category
     claim lists the pairs' categories beside the benchmark's."""
@@ -212,7 +213,7 @@ def test_unpaired_harmless_rows_give_the_harmless_refusal_rate(pytester: pytest.
     tiny.tokenizer.save_pretrained(model_dir)
     bench = _unpaired_bench(tmp_path / "bench.csv")
     reports = tmp_path / "reports"
-    pytester.monkeypatch.setenv("MECH_REPORTS_DIR", str(reports))
+    monkeypatch.setenv("MECH_REPORTS_DIR", str(reports))
     result = pytester.runpytest_subprocess(
         str(ROOT / "hypotheses" / "test_baseline.py"), "--rootdir", str(ROOT), "-c", str(ROOT / "pyproject.toml"),
         "--model", str(model_dir), "--prompts", str(small_prompt_file(tmp_path / "prompts.csv")),
@@ -222,19 +223,19 @@ def test_unpaired_harmless_rows_give_the_harmless_refusal_rate(pytester: pytest.
         "--set", "min_refusals=0", "--set", "gate_open=true", "--set", "n_bootstrap=200",
         "--set", "n_label_shuffles=10", timeout=600)
     assert result.ret == 0, result.stdout.str()[-3000:]
-    findings = json.loads((reports / "findings.json").read_text())
+    findings = json.loads((reports / "findings.partial.json").read_text())  # -k: a partial run
     by_name = {c["id"].split("::")[1]: c for c in findings["claims"]}
     harmless = by_name["test_harmless_refusal_rate"]
     assert harmless["verdict"] != "not tested", harmless["message"]
     assert harmless["n"] == 32 and harmless["numbers"]["unpaired"]["n"] == 32
     assert harmless["numbers"]["twins_of_refused"]["n"] == 0  # the benchmark has no twins
-    assert by_name["test_harmful_refusal_rate"]["n"] == 8
+    assert by_name["test_harmful_refusal_rate"]["n"] == 16
     cats = by_name["test_refusal_differs_across_categories"]
     assert cats["verdict"] == "not tested" and "cybercrime, fraud" in cats["message"], cats["message"]
     assert findings["config_hash"] == config_hash(findings["config"])
     ev = findings["run"]["eval_set"]
     assert ev["kind"] == "file" and ev["sha256"] == hashlib.sha256(bench.read_bytes()).hexdigest()
-    assert (ev["n"], ev["n_harmless"], ev["n_pairs"]) == (40, 32, 0)
+    assert (ev["n"], ev["n_harmless"], ev["n_pairs"]) == (48, 32, 0)
     # training and selection stayed on the pairs: every selecting id is the prompt set's, every judged one eval:
     for uses in findings["data_use"].values():
         assert not [i for i in uses.get("select", []) if i.startswith("eval:")]
