@@ -239,3 +239,17 @@ def test_unpaired_harmless_rows_give_the_harmless_refusal_rate(pytester: pytest.
     # training and selection stayed on the pairs: every selecting id is the prompt set's, every judged one eval:
     for uses in findings["data_use"].values():
         assert not [i for i in uses.get("select", []) if i.startswith("eval:")]
+
+
+def test_replicate_takes_a_held_out_spec_as_an_eval_prompt_set(tmp_path: Path, monkeypatch) -> None:
+    """``--prompts eval:heldout:NAME``: checked before any run (one line), passed to the suite unchanged."""
+    from mech.replicate import ReplicationError, _pytest_args, check_inputs, plan_runs
+
+    with pytest.raises(ReplicationError) as ei:
+        check_inputs([], ["eval:heldout:nosuch"], tmp_path)
+    assert "--prompts eval:heldout:nosuch: heldout:nosuch: unknown held-out set" in _one_line(ei.value)
+    ev = plan_runs(["smollm2-135m-instruct"], ["eval:heldout:confirmatory"])[0]
+    assert (ev.id, ev.prompts_path, ev.eval_path) == ("smollm2-135m-instruct__eval-heldout-confirmatory", None,
+                                                      "heldout:confirmatory")
+    args = _pytest_args(ev, {"cache_dir": tmp_path, "device": "cpu", "quantize": "none", "set": []})
+    assert args[args.index("--eval-prompts") + 1] == "heldout:confirmatory" and "--prompts" not in args
