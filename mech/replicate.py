@@ -161,6 +161,7 @@ def plan_runs(models: Sequence[str], prompts: Sequence[str], dtypes: Sequence[st
 def check_inputs(models: Sequence[str], prompts: Sequence[str], cache_dir: Path) -> None:
     """Each model resolvable without loading it (a registry model's wheels installed or it is prepared), each
     prompt file present and valid: a :class:`ReplicationError` line naming the fix, before anything runs."""
+    from mech.heldout import is_heldout, load_heldout
     from mech.models import ModelError, check_model_source
     from mech.prompts import PromptFileError, load_prompts
 
@@ -180,6 +181,12 @@ def check_inputs(models: Sequence[str], prompts: Sequence[str], cache_dir: Path)
         if item == DEFAULT_PROMPTS:
             continue
         p = item.removeprefix(EVAL_PREFIX)
+        if item.startswith(EVAL_PREFIX) and is_heldout(p):  # registered held-out benchmarks (mech/heldout.py)
+            try:
+                load_heldout(p)
+            except PromptFileError as e:
+                raise ReplicationError(f"--prompts {item}: {e}") from None
+            continue
         if not Path(p).is_file():
             raise ReplicationError(f"--prompts {item}: no such file; pass a JSON or CSV prompt file (prompt,label,"
                                    f"category[,pair_id]), {EVAL_PREFIX}FILE to judge on FILE what the project's "
@@ -350,6 +357,10 @@ def _model_fingerprint(model: str) -> str:
 def _prompts_fingerprint(prompts: str) -> str:
     if prompts == DEFAULT_PROMPTS:
         return DEFAULT_PROMPTS
+    from mech.heldout import heldout_identity, is_heldout
+
+    if is_heldout(prompts.removeprefix(EVAL_PREFIX)):  # the converted rows (package, version and sha256 pinned)
+        return heldout_identity(prompts.removeprefix(EVAL_PREFIX))["content_hash"]
     return hashlib.sha256(Path(prompts.removeprefix(EVAL_PREFIX)).read_bytes()).hexdigest()
 
 
@@ -361,7 +372,9 @@ def _pytest_args(spec: RunSpec, opts: dict[str, Any], extra: Sequence[str] = ())
     if spec.prompts_path:
         args += ["--prompts", str(Path(spec.prompts_path).resolve())]
     if spec.eval_path:
-        args += ["--eval-prompts", str(Path(spec.eval_path).resolve())]
+        from mech.heldout import is_heldout
+
+        args += ["--eval-prompts", spec.eval_path if is_heldout(spec.eval_path) else str(Path(spec.eval_path).resolve())]
     for item in opts["set"]:
         args += ["--set", item]
     return args + list(spec.extra) + list(extra)
