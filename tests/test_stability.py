@@ -27,6 +27,7 @@ from mech.stability import (
     value_recurrence,
 )
 
+
 def _name(j: int) -> str:
     return f"L{j // 14}.H{j % 14}"
 
@@ -168,6 +169,32 @@ def test_resid_at_averages_to_the_difference_in_means():
     torch.testing.assert_close(got, dim.candidates, atol=1e-6, rtol=1e-6)
     with pytest.raises(ValueError, match="end-aligned"):
         resid_at(lm, h, (0,), (0,))
+
+
+def test_page_shows_each_selection_and_flags_the_unstable(tmp_path: Path):
+    from fixtures.report_html import render_page
+    from tests.test_report_page import _findings
+
+    f = _findings()
+    assert "Stability of the selections" not in render_page(f, {}, {}, tmp_path)  # B = 0: nothing recorded
+    rng = np.random.default_rng(0)
+    strong = rng.standard_normal((40, 336))
+    strong[:, :17] -= 5.0
+    noise = rng.standard_normal((40, 336))
+    recs = {"test_heads": [head_set_stability(_atp(strong), top_heads(_atp(strong), 17), _Suite(20))],  # type: ignore[arg-type]
+            "test_direction": [head_set_stability(_atp(noise), top_heads(_atp(noise), 17), _Suite(20))]}  # type: ignore[arg-type]
+    recs["test_direction"][0]["selection"] = "noise set"
+    for c in f["claims"]:
+        if c["id"].split("::")[1] in recs:
+            c["numbers"]["stability"] = recs[c["id"].split("::")[1]]
+    page = render_page(f, {}, {}, tmp_path)
+    table = page.split('id="stability"')[1].split("</table>")[0]
+    assert table.count("<tr>") == 3 and "top-k heads" in table and "noise set" in table
+    strong_row, noise_row = table.split("<tr>")[2], table.split("<tr>")[3]
+    assert 'class="flag"' not in strong_row and ">1 (B = 20)" in strong_row
+    assert 'class="flag">flagged' in noise_row
+    assert page.count("<b>selection stability</b>") == 2  # in each primary's block too
+    assert "'distribution'" not in page and "mean overlap" not in page  # not dumped among the numbers
 
 
 # ------------------------------------------------------------------------------ the suite, tiny model
