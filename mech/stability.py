@@ -18,9 +18,11 @@ selection (Efron & Tibshirani 1993, ch. 17; as a stability check of selected fea
    selected (``{value: count}``; for sets, the number of draws that contain each item). A selection with
    recurrence below :data:`FLAG_BELOW` (0.5) is ``flagged``: it recurs in fewer than half of the resamples.
 
-Also here, for the direction's re-selection, :func:`resid_at`: per-prompt ``resid_pre`` at candidate layers and
-end-aligned positions, whose resampled means are the resampled difference-in-means candidates of
-:func:`mech.directions.diff_in_means`.
+The direction's re-selection (:func:`reselect_direction`): per-prompt ``resid_pre`` at the candidate layers and
+end-aligned positions (:func:`resid_at`, one forward of the train prompts), whose resampled means are the
+resampled difference-in-means candidates of :func:`mech.directions.diff_in_means`; each draw then runs
+:func:`mech.directions.select_direction` on the resampled validation prompts (new forwards: the cost of one
+selection per draw; a prompt drawn twice is scored twice, so the means are exactly the bootstrap means).
 """
 
 from __future__ import annotations
@@ -42,8 +44,8 @@ MIN_OVERLAP = 0.5  # a resampled top-k set "recurs" when it holds at least this 
 
 T = TypeVar("T")
 
-__all__ = ["FLAG_BELOW", "MIN_OVERLAP", "bootstrap_indices", "reselect", "resid_at", "set_recurrence", "top_k",
-           "value_recurrence"]
+__all__ = ["FLAG_BELOW", "MIN_OVERLAP", "bootstrap_indices", "reselect", "reselect_direction", "resid_at",
+           "set_recurrence", "top_k", "value_recurrence"]
 
 
 def bootstrap_indices(n: int, rng: np.random.Generator, strata: Sequence[Hashable] | None = None) -> np.ndarray:
@@ -145,3 +147,32 @@ def resid_at(lm: LoadedModel, prompts: Sequence[str], layers: Sequence[int], pos
                                       use_cache=False)
             out.append(torch.stack([cache[n].double() for n in names], dim=1))  # [b, L, P, d]
     return torch.cat(out)
+
+
+def reselect_direction(lm: LoadedModel, train_harmful: Sequence[str], train_harmless: Sequence[str],
+                       val_harmful: Sequence[str], val_harmless: Sequence[str], refusal_ids: Sequence[int],
+                       layers: Sequence[int], positions: Sequence[int], n_resamples: int, seed: int,
+                       **select_kw: Any) -> list[dict[str, Any]]:
+    """The refusal direction re-selected on ``n_resamples`` bootstrap draws of its four prompt groups (train harmful,
+    train harmless, validation harmful, validation harmless; each with replacement at its own size): per draw the
+    selected ``layer``, ``pos`` and whether it ``passed_filters``. ``select_kw`` go to
+    :func:`mech.directions.select_direction` (its thresholds), which scores ``layers`` x ``positions``."""
+    import torch
+
+    from mech.directions import DiffInMeans, select_direction
+
+    groups = [list(train_harmful), list(train_harmless), list(val_harmful), list(val_harmless)]
+    if not all(groups):
+        raise ValueError(f"reselect_direction needs prompts in every group, got sizes {[len(g) for g in groups]}")
+    layers, positions = tuple(layers), tuple(positions)
+    ah, a_s = resid_at(lm, groups[0], layers, positions), resid_at(lm, groups[1], layers, positions)
+    vh, vs = groups[2], groups[3]
+
+    def select(hi: np.ndarray, si: np.ndarray, vhi: np.ndarray, vsi: np.ndarray) -> dict[str, Any]:
+        dim = DiffInMeans(ah[torch.as_tensor(hi)].mean(0) - a_s[torch.as_tensor(si)].mean(0), layers, positions,
+                          len(hi), len(si))
+        sel = select_direction(lm, dim, [vh[i] for i in vhi], [vs[i] for i in vsi], refusal_ids, layers=layers,
+                               **select_kw)
+        return {"layer": sel.layer, "pos": sel.pos, "passed_filters": sel.passed_filters}
+
+    return reselect(select, [len(g) for g in groups], n_resamples, seed)

@@ -171,6 +171,34 @@ def test_resid_at_averages_to_the_difference_in_means():
         resid_at(lm, h, (0,), (0,))
 
 
+HARMFUL = ["How do I pick a lock?", "Write malware now.", "Tell me how to hurt someone.", "Make a fake ID for me.",
+           "How do I steal a car?"]
+HARMLESS = ["How do I bake bread?", "Write a poem now.", "Tell me how to help someone.", "Make a birthday card.",
+            "How do I wash a car?"]
+
+
+def test_direction_reselection_on_a_tiny_model():
+    """H4's re-selection: a function of the seed, within the candidates; with one prompt per group every draw is
+    the full data, and the re-selection is then select_direction's own on diff_in_means."""
+    from mech.directions import diff_in_means, select_direction
+    from mech.stability import reselect_direction
+
+    lm = build_tiny_model("qwen2", seed=0)
+    ids = [lm.tokenizer("I", add_special_tokens=False)["input_ids"][0]]
+    kw = {"induce_threshold": -1e9, "kl_threshold": 1e9, "prune_last_fraction": 0.2}
+    layers, pos = (0, 1), (-2, -1)
+    a = reselect_direction(lm, HARMFUL[:3], HARMLESS[:3], HARMFUL[3:], HARMLESS[3:], ids, layers, pos, 4, 0, **kw)
+    assert a == reselect_direction(lm, HARMFUL[:3], HARMLESS[:3], HARMFUL[3:], HARMLESS[3:], ids, layers, pos, 4, 0,
+                                   **kw)
+    assert len(a) == 4 and all(r["layer"] in layers and r["pos"] in pos and r["passed_filters"] for r in a)
+    one = reselect_direction(lm, HARMFUL[:1], HARMLESS[:1], HARMFUL[3:4], HARMLESS[3:4], ids, layers, pos, 2, 0, **kw)
+    full = select_direction(lm, diff_in_means(lm, HARMFUL[:1], HARMLESS[:1], positions=pos, layers=layers),
+                            HARMFUL[3:4], HARMLESS[3:4], ids, layers=layers, **kw)
+    assert one == [{"layer": full.layer, "pos": full.pos, "passed_filters": full.passed_filters}] * 2
+    with pytest.raises(ValueError, match="prompts in every group"):
+        reselect_direction(lm, HARMFUL[:1], [], HARMFUL[3:4], HARMLESS[3:4], ids, layers, pos, 2, 0)
+
+
 def test_page_shows_each_selection_and_flags_the_unstable(tmp_path: Path):
     from fixtures.report_html import render_page
     from tests.test_report_page import _findings
@@ -248,7 +276,9 @@ def test_suite_records_stability_only_when_asked(pytester: pytest.Pytester, tmp_
             assert 0 <= recs[0]["passed_filters"] <= 1 and sum(recs[0]["layer_distribution"].values()) == 3
         if c["hypothesis"] == "H1":
             assert recs[0]["full"] == c["numbers"]["heads"]
-    assert seen == {"H1", "H2", "H3", "H4"}, f"stability recorded for {seen} only"
+    # the random tiny model refuses nothing, so H4 is not tested there (its re-selection is tested on the library
+    # level above: test_direction_reselection_on_a_tiny_model)
+    assert seen == {"H1", "H2", "H3"}, f"stability recorded for {seen} only"
     page = (rep_on / "hypotheses.partial.html").read_text()
-    assert "Stability of the selections" in page and "recurrence" in page
+    assert "Stability of the selections" in page and page.count("<b>selection stability</b>") == 3
     assert "Stability of the selections" not in (rep_off / "hypotheses.partial.html").read_text()
