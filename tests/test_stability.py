@@ -157,6 +157,21 @@ def test_config_field_is_checked_and_outside_the_plan_hash():
     assert config_hash(parse_set([]).to_dict()) == config_hash(cfg.to_dict())  # reported, never a verdict
 
 
+def test_timing_workload_is_unchanged_when_off(tmp_path: Path):
+    """B = 0 keeps every stage's timing-history workload as it was before the field existed; B > 0 is other work."""
+    import hashlib
+
+    from fixtures.options import RunConfig
+    from fixtures.timings import workload
+
+    run = RunConfig("m", "cpu", "float32", "none", None, tmp_path, False, 64)
+    before = {k: v for k, v in parse_set([]).to_dict().items() if k != "stability_resamples"}
+    blob = json.dumps({"suite": before, "prompts": None, "eval_prompts": None, "judge": None}, sort_keys=True,
+                      default=str)
+    assert workload(run, parse_set([])) == hashlib.sha256(blob.encode()).hexdigest()[:16]
+    assert workload(run, parse_set([("--set", "stability_resamples=20")])) != workload(run, parse_set([]))
+
+
 def test_resid_at_averages_to_the_difference_in_means():
     from mech.directions import diff_in_means
 
