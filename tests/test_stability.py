@@ -5,6 +5,7 @@ suite run on a tiny model records the fields with ``--set stability_resamples=3`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from fixtures.config import ConfigError, config_hash, parse_set
+from fixtures.config import ConfigError, SuiteConfig, config_hash, parse_set
 from fixtures.h1_circuit import top_heads
 from fixtures.stability import head_set_stability, probe_layer
 from fixtures.tiny_models import build_tiny_model
@@ -45,9 +46,8 @@ def _atp(delta: np.ndarray, categories: list[str] | None = None) -> dict[str, An
     return {"head": res.to_dict(), "categories": categories or ["a"] * n}
 
 
-class _Suite:
-    def __init__(self, b: int, seed: int = 0) -> None:
-        self.stability_resamples, self.split_seed = b, seed
+def _suite(b: int, seed: int = 0) -> SuiteConfig:
+    return dataclasses.replace(SuiteConfig(), stability_resamples=b, split_seed=seed)
 
 
 def test_bootstrap_is_a_function_of_the_seed():
@@ -75,7 +75,7 @@ def test_a_strong_unique_top_k_recurs():
     atp = _atp(strong)
     reported = top_heads(atp, 17)
     assert sorted(reported) == sorted(_name(j) for j in carriers)
-    rec = head_set_stability(atp, reported, _Suite(20))  # type: ignore[arg-type]
+    rec = head_set_stability(atp, reported, _suite(20))
     assert rec["B"] == 20 and rec["recurrence"] == 1.0 and rec["mean_overlap"] == 1.0 and not rec["flagged"]
     assert set(rec["distribution"]) == set(reported) and set(rec["distribution"].values()) == {20}
     assert rec["full"] == reported and rec["hypothesis"] == "H1" and rec["criterion"] == "overlap >= 0.5 of the 17"
@@ -86,7 +86,7 @@ def test_a_top_k_of_noise_is_flagged(seed: int):
     """The same shape with no head standing out (every mean 0, per-pair noise): the reported 17 are the sample's
     extremes, and fewer than half of the resamples keep half of them."""
     noise = _atp(np.random.default_rng(seed).standard_normal((40, 336)))
-    rec = head_set_stability(noise, top_heads(noise, 17), _Suite(20, seed))  # type: ignore[arg-type]
+    rec = head_set_stability(noise, top_heads(noise, 17), _suite(20, seed))
     assert rec["recurrence"] < FLAG_BELOW and rec["flagged"]
     assert rec["mean_overlap"] < 0.5 and len(rec["distribution"]) > 34
 
@@ -95,7 +95,7 @@ def test_exact_ties_are_broken_the_same_way_every_time():
     """Exact ties are ordered by head index (the stable sort of top_heads) on the full data and on every resample,
     so they recur: recurrence measures how the data move a selection, not whether it is meaningful."""
     ties = _atp(np.zeros((30, 64)))
-    rec = head_set_stability(ties, top_heads(ties, 5), _Suite(5))  # type: ignore[arg-type]
+    rec = head_set_stability(ties, top_heads(ties, 5), _suite(5))
     assert rec["full"] == [_name(j) for j in range(5)] and rec["recurrence"] == 1.0
 
 
@@ -107,11 +107,11 @@ def test_h3_resamples_each_category_within_itself():
     d[:10, :17] -= 5.0  # rows 0..9: category a
     d[10:20:2, 17:34] -= 5.0  # rows 10..19: category b, its heads on every other pair
     atp = _atp(d, ["a"] * 10 + ["b"] * 10)
-    a = head_set_stability(atp, top_heads(atp, 17, ["a"]), _Suite(20), category="a")  # type: ignore[arg-type]
+    a = head_set_stability(atp, top_heads(atp, 17, ["a"]), _suite(20), category="a")
     assert a["category"] == "a" and a["recurrence"] == 1.0 and not a["flagged"]
     assert sorted(a["full"]) == sorted(_name(j) for j in range(17)) and "the 10 train pairs of a" in a["resampled"]
     assert set(a["distribution"]) == set(a["full"])
-    b = head_set_stability(atp, top_heads(atp, 17, ["b"]), _Suite(20), category="b")  # type: ignore[arg-type]
+    b = head_set_stability(atp, top_heads(atp, 17, ["b"]), _suite(20), category="b")
     assert sorted(b["full"]) == sorted(_name(j) for j in range(17, 34)) and not set(b["distribution"]) & set(a["full"])
 
 
@@ -224,8 +224,8 @@ def test_page_shows_each_selection_and_flags_the_unstable(tmp_path: Path):
     strong = rng.standard_normal((40, 336))
     strong[:, :17] -= 5.0
     noise = rng.standard_normal((40, 336))
-    recs = {"test_heads": [head_set_stability(_atp(strong), top_heads(_atp(strong), 17), _Suite(20))],  # type: ignore[arg-type]
-            "test_direction": [head_set_stability(_atp(noise), top_heads(_atp(noise), 17), _Suite(20))]}  # type: ignore[arg-type]
+    recs = {"test_heads": [head_set_stability(_atp(strong), top_heads(_atp(strong), 17), _suite(20))],
+            "test_direction": [head_set_stability(_atp(noise), top_heads(_atp(noise), 17), _suite(20))]}
     recs["test_direction"][0]["selection"] = "noise set"
     for c in f["claims"]:
         if c["id"].split("::")[1] in recs:
