@@ -152,11 +152,12 @@ def resid_at(lm: LoadedModel, prompts: Sequence[str], layers: Sequence[int], pos
 def reselect_direction(lm: LoadedModel, train_harmful: Sequence[str], train_harmless: Sequence[str],
                        val_harmful: Sequence[str], val_harmless: Sequence[str], refusal_ids: Sequence[int],
                        layers: Sequence[int], positions: Sequence[int], n_resamples: int, seed: int,
-                       **select_kw: Any) -> list[dict[str, Any]]:
+                       with_direction: bool = False, **select_kw: Any) -> list[dict[str, Any]]:
     """The refusal direction re-selected on ``n_resamples`` bootstrap draws of its four prompt groups (train harmful,
     train harmless, validation harmful, validation harmless; each with replacement at its own size): per draw the
-    selected ``layer``, ``pos`` and whether it ``passed_filters``. ``select_kw`` go to
-    :func:`mech.directions.select_direction` (its thresholds), which scores ``layers`` x ``positions``."""
+    selected ``layer``, ``pos``, whether it ``passed_filters`` and, ``with_direction``, its unit ``direction``
+    (float64 tensor). ``select_kw`` go to :func:`mech.directions.select_direction` (its thresholds), which scores
+    ``layers`` x ``positions``."""
     import torch
 
     from mech.directions import DiffInMeans, select_direction
@@ -173,6 +174,7 @@ def reselect_direction(lm: LoadedModel, train_harmful: Sequence[str], train_harm
                           len(hi), len(si))
         sel = select_direction(lm, dim, [vh[i] for i in vhi], [vs[i] for i in vsi], refusal_ids, layers=layers,
                                **select_kw)
-        return {"layer": sel.layer, "pos": sel.pos, "passed_filters": sel.passed_filters}
+        out = {"layer": sel.layer, "pos": sel.pos, "passed_filters": sel.passed_filters}
+        return out | ({"direction": sel.direction} if with_direction else {})
 
     return reselect(select, [len(g) for g in groups], n_resamples, seed)

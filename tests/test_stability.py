@@ -210,8 +210,32 @@ def test_direction_reselection_on_a_tiny_model():
     full = select_direction(lm, diff_in_means(lm, HARMFUL[:1], HARMLESS[:1], positions=pos, layers=layers),
                             HARMFUL[3:4], HARMLESS[3:4], ids, layers=layers, **kw)
     assert one == [{"layer": full.layer, "pos": full.pos, "passed_filters": full.passed_filters}] * 2
+    d = reselect_direction(lm, HARMFUL[:3], HARMLESS[:3], HARMFUL[3:], HARMLESS[3:], ids, layers, pos, 1, 0,
+                           with_direction=True, **kw)[0]
+    assert {k: d[k] for k in ("layer", "pos", "passed_filters")} == a[0] and abs(float(d["direction"].norm()) - 1) < 1e-9
     with pytest.raises(ValueError, match="prompts in every group"):
         reselect_direction(lm, HARMFUL[:1], [], HARMFUL[3:4], HARMLESS[3:4], ids, layers, pos, 2, 0)
+
+
+def test_direction_record_from_resampled_selections():
+    """H4's record: the site's recurrence, the layers and positions selected, the filters' share, and part (3) of the
+    primary per resample against the reported site's control counts (p < alpha)."""
+    from fixtures.stability import direction_site_stability
+
+    sels = ([{"layer": 9, "pos": -1, "passed_filters": True, "removed": 11}] * 3
+            + [{"layer": 9, "pos": -5, "passed_filters": True, "removed": 9},
+               {"layer": 12, "pos": -1, "passed_filters": False, "removed": 2}])
+    ds = {"selections": sels, "n_val": [10, 10], "n_train": [40, 40], "n_candidates": 95}
+    controls = {"computed": True, "counts": [0, 1, 2, 1, 0, 3] * 10, "selected": 11, "prompts": ["p"] * 11}
+    r = direction_site_stability(ds, 9, -1, _suite(5), controls)
+    assert r["full"] == "L9 p-1" and r["recurrence"] == 0.6 and not r["flagged"]
+    assert r["distribution"] == {"L9 p-1": 3, "L12 p-1": 1, "L9 p-5": 1}
+    assert r["layer_recurrence"] == 0.8 and r["layer_distribution"] == {"9": 4, "12": 1}
+    assert r["position_distribution"] == {"-1": 4, "-5": 1} and r["passed_filters"] == 0.8
+    assert r["beats_controls"] == 0.8 and r["removed_distribution"] == {"11": 3, "9": 1, "2": 1}
+    assert "95 candidates scored on 30 validation rows" in r["cost"]
+    moved = direction_site_stability(ds, 12, -1, _suite(5), {"computed": False})
+    assert moved["recurrence"] == 0.2 and moved["flagged"] and "beats_controls" not in moved
 
 
 def test_page_shows_each_selection_and_flags_the_unstable(tmp_path: Path):
