@@ -16,7 +16,7 @@ import pytest
 pytest_plugins = [
     "fixtures.options", "fixtures.config", "fixtures.model", "fixtures.tiny_models", "fixtures.report",
     "fixtures.grading", "fixtures.common", "fixtures.references", "fixtures.h1_circuit", "fixtures.h2_hierarchy",
-    "fixtures.h3_substrate", "fixtures.h4_direction", "fixtures.plan", "pytester",
+    "fixtures.h3_substrate", "fixtures.h4_direction", "fixtures.stability", "fixtures.plan", "pytester",
 ]
 
 ROOT = Path(__file__).resolve().parent

@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.layer_hierarchy, pytest.mark.realmodel, pytest.mark.sl
 
 
 @pytest.mark.primary
-def test_read_early_moved_later(layer_probe, layer_patching, lm, suite, claim):
+def test_read_early_moved_later(layer_probe, layer_patching, lm, suite, claim, selection_stability):
     """PRIMARY. Read early, moved later: three tests, all needed (one intersection–union p, the largest).
     (1) read: at the early layer L1 with the best validation accuracy among the first ``read_max_fraction`` of the
     layers, a difference-in-means probe (train pairs, last prompt position) beats probes fit on shuffled train
@@ -64,6 +64,7 @@ def test_read_early_moved_later(layer_probe, layer_patching, lm, suite, claim):
                  shuffled_mean=float(null.mean()), effect_at_read_layer=float(np.nanmean(e1)),
                  effect_at_move_layer=float(np.nanmean(e2)), n_probe_pairs=layer_probe["n_test_pairs"])
     claim.uses(layer_probe, layer_patching)
+    selection_stability.record(claim, "H2", L1)  # --set stability_resamples=B
     claim.figure(plots.curve(list(range(n)), {"test accuracy": layer_probe["test_accuracy"], "validation accuracy": val,
                                               "shuffled labels (mean)": np.array(layer_probe["null_accuracy"]).mean(0).tolist(),
                                               "resid_pre patching effect": np.nanmean(eff, 0).tolist()},

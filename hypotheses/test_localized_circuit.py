@@ -21,7 +21,8 @@ pytestmark = [pytest.mark.localized_circuit, pytest.mark.realmodel, pytest.mark.
 
 
 @pytest.mark.primary
-def test_ranked_heads_beat_layer_matched_random(circuit_ablation, top_head_attention, suite, claim):
+def test_ranked_heads_beat_layer_matched_random(circuit_ablation, top_head_attention, suite, claim,
+                                                 selection_stability):
     """PRIMARY. Mean-ablating the top-k attribution-ranked heads (k = 5% of heads) lowers the refusal score of the
     harmful test prompts more than layer-matched random head sets of the same size, at two levels, both needed:
     (1) over head sets — the ranked set's mean drop beats ≥ 100 layer-matched random sets (one-sided Monte-Carlo
@@ -52,6 +53,7 @@ def test_ranked_heads_beat_layer_matched_random(circuit_ablation, top_head_atten
                  param_fraction=c["param_fraction"], harmless_kl=c["kl"], ce_before=c["ce_before"],
                  ce_after=c["ce_after"])
     claim.uses(c)
+    selection_stability.record(claim, "H1", c["heads"])  # --set stability_resamples=B
     ks = [p["k"] for p in c["curve"]]
     claim.figure(plots.curve(ks, {"top-k AtP heads": [float(np.mean(p["ranked"]) - base.mean()) for p in c["curve"]],
                                   "layer-matched random heads (mean)": [float(np.mean(p["random_mean"]) - base.mean())

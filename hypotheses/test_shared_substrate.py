@@ -37,7 +37,7 @@ def _excess(cc: dict, a: str) -> np.ndarray:
 
 
 @pytest.mark.primary
-def test_heads_transfer_beyond_random(cross_category, suite, claim):
+def test_heads_transfer_beyond_random(cross_category, suite, claim, selection_stability):
     """PRIMARY. A shared substrate: mean-ablating category A's top-k heads (ranked on all of A's train pairs)
     lowers the refusal score of the other categories' harmful test prompts more than layer-matched random sets of
     k heads do. One set-level permutation test: the statistic is the mean over categories of A's drop on its
@@ -81,6 +81,7 @@ def test_heads_transfer_beyond_random(cross_category, suite, claim):
                  own_minus_other_ci=list(bootstrap_ci(own_minus_other, n_resamples=suite.n_bootstrap,
                                                       seed=suite.split_seed)))
     claim.uses(cc)
+    selection_stability.record(claim, "H3", {a: cc["rankings"][a] for a in cats})  # --set stability_resamples=B
     M = np.array([[np.mean([d for d, c in zip(cc["ranked"][a], cc["prompt_categories"], strict=True) if c == b])
                    for b in cats] for a in cats])
     J = np.array([[jaccard(cc["rankings"][a], cc["rankings"][b]) for b in cats] for a in cats])

@@ -29,7 +29,8 @@ def _require_filters(d: dict) -> None:
 
 
 @pytest.mark.primary
-def test_directional_ablation_removes_refusal(refusal_direction, direction_controls, suite, claim):
+def test_directional_ablation_removes_refusal(refusal_direction, direction_controls, suite, claim,
+                                              selection_stability):
     """PRIMARY. Projecting the selected direction out of the residual stream (every layer) removes refusal on the
     harmful test prompts. Three tests and a gate, all needed (one intersection–union p, the largest; 1 when the
     gate fails): the direction passed Arditi's selection filters (gate); (1) prompts that held out at baseline
@@ -90,6 +91,7 @@ def test_directional_ablation_removes_refusal(refusal_direction, direction_contr
                            "n_at_least_selected": ctl_test.n_extreme if ctl_test else None},
                  n_train=d["n_train"], n_val=d["n_val"])
     claim.uses(d, ctl)
+    selection_stability.record(claim, "H4", (sel["layer"], sel["pos"]))  # --set stability_resamples=B
     grid = np.full((sel["n_layers"], len(sel["positions"])), np.nan)
     for c in sel["candidates"]:
         if c["bypass"] is not None:
