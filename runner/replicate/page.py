@@ -49,6 +49,11 @@ def _effect_lines(c: dict[str, Any]) -> str:
     return body
 
 
+def _run_href(run: dict[str, Any]) -> str:
+    """A run's report, relative to the page; its pytest log when it ended without findings."""
+    return (run.get("report") if run["status"] == "complete" else run.get("log") or run.get("report")) or ""
+
+
 def grid_cell(run: dict[str, Any], row: dict[str, Any]) -> str:
     """One cell of the verdict grid: the verdict on its colour, effect [CI], n and Holm p, linked to the claim on
     the run's report (``run["report"]``, relative to the page, and the claim's anchor there)."""
@@ -56,8 +61,7 @@ def grid_cell(run: dict[str, Any], row: dict[str, Any]) -> str:
     v = c.get("verdict", "error")
     color = COLOR.get(v, "#555")
     msg = c.get("message") or ""
-    href = f"{run['report']}#{row['anchor']}" if run.get("report") and run["status"] == "complete" else \
-        run.get("log") or run.get("report") or ""
+    href = f"{run['report']}#{row['anchor']}" if run.get("report") and run["status"] == "complete" else _run_href(run)
     return (f'<td class="cell" data-run="{_esc(run["id"])}" data-claim="{_esc(row["id"])}" data-verdict="{_esc(v)}" '
             f'style="background:{color}1f;border-left:4px solid {color}" title="{_esc(msg)}">'
             f'<a href="{_esc(href)}"><b style="color:{color}">{html.escape(v)}</b>{_effect_lines(c)}'
@@ -68,7 +72,7 @@ def grid_cell(run: dict[str, Any], row: dict[str, Any]) -> str:
 def _grid(report: dict[str, Any]) -> list[str]:
     runs = report["runs"]
     head = "".join(
-        f"<th><a href='{_esc(r.get('report') or '')}'>{html.escape(r['id'])}</a><div class='muted'>"
+        f"<th><a href='{_esc(_run_href(r))}'>{html.escape(r['id'])}</a><div class='muted'>"
         f"{html.escape(r['model'])} · {html.escape(r['prompts'])} · {html.escape(r.get('dtype') or 'auto')}</div></th>"
         for r in runs)
     parts = ["<h2 id='grid'>Verdicts: every claim in every run</h2><p class='muted'>One row per claim (the "
