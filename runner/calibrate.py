@@ -74,6 +74,7 @@ from pathlib import Path
 from typing import Any
 
 from fixtures.config import config_hash
+from fixtures.report import VERDICTS
 from mech.cache import atomic_write_text
 from runner.replicate.gather import gather
 from runner.replicate.memory import memory_plan
@@ -277,7 +278,7 @@ def aggregate(results: Sequence[RunResult], nulls: Mapping[str, str], alpha: flo
                 "applies": applies, "reason": reason, "status": status, "runs": rids, "n_runs": len(rids),
                 "supported": rate["k"], "n": rate["n"], "rate": rate["rate"], "ci": rate["ci"],
                 "raw": rejection_rate(len(raw), len(judged), alpha), "flag_at": flag_at(len(judged), alpha),
-                "verdicts": {v: verdicts.count(v) for v in ("supported", "NOT supported", "not tested", "error")},
+                "verdicts": {v: verdicts.count(v) for v in VERDICTS},
                 "p_values": [c.get("p_value") for c in judged],
                 "p_by_run": {rid: c.get("p_value") for rid, c in zip(rids, cells, strict=True)}}
         states = [v["status"] for v in entry["nulls"].values() if v["applies"]]
