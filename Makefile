@@ -70,7 +70,7 @@ heldout-data: $(STAMP)
 REPLICATE_MODELS  ?= $(MODEL),qwen2.5-coder-1.5b-instruct,smollm2-135m-instruct
 REPLICATE_PROMPTS ?= pairs
 REPLICATE_ARGS    ?=
-REPLICATE := $(BIN)/python -m mech replicate --models $(REPLICATE_MODELS) --prompts $(REPLICATE_PROMPTS) $(REPLICATE_ARGS)
+REPLICATE := $(BIN)/python -m runner replicate --models $(REPLICATE_MODELS) --prompts $(REPLICATE_PROMPTS) $(REPLICATE_ARGS)
 .PHONY: replicate
 replicate: setup
 ifneq (,$(findstring heldout:,$(REPLICATE_PROMPTS)))

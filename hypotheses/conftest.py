@@ -84,8 +84,8 @@ def _check_context(config: pytest.Config, sets: list[tuple[str, PromptSet]]) -> 
     checked with the tokenizer and config only, before the model loads (mech.context)."""
     from fixtures.config import get_suite_config
     from mech.context import ContextError, check_batch_memory, check_context, context_length, prompt_lengths
+    from mech.memory import memory_budget
     from mech.models import load_tokenizer, pick_device, pick_dtype
-    from mech.replicate import memory_budget
 
     cfg = resolve_config(config)
     suite = get_suite_config(config)

