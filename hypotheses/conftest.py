@@ -8,8 +8,9 @@ from __future__ import annotations
 import pytest
 
 from fixtures.options import resolve_config
-from mech.models import ModelError, n_layers_of
+from mech.models import n_layers_of
 from mech.prompts import PromptFileError, PromptSet, default_pairs, load_prompts
+from mech.registry import ModelError
 
 
 def _categories(config: pytest.Config) -> list[str]:

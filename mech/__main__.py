@@ -9,7 +9,7 @@ import argparse
 import logging
 import sys
 
-from mech.models import DEFAULT_MODEL, REGISTRY, ModelError, default_cache_dir, prepare
+from mech.registry import DEFAULT_MODEL, REGISTRY, ModelError, default_cache_dir, prepare
 
 
 def main(argv: list[str] | None = None) -> int:

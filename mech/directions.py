@@ -57,7 +57,6 @@ DirectionIntervention = Literal["directional_ablation", "activation_addition", "
 __all__ = [
     "CandidateScore",
     "DiffInMeans",
-    "DirectionError",
     "DirectionIntervention",
     "DirectionSelection",
     "activation_addition",
@@ -65,7 +64,6 @@ __all__ = [
     "directional_ablation",
     "evaluate_direction",
     "orthogonalized_weights",
-    "post_instruction_positions",
     "select_direction",
 ]
 

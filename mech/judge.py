@@ -40,17 +40,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mech.chat import pad_left
 from mech.coherence import OUTCOMES, Outcome
-from mech.models import (
-    REGISTRY,
-    LoadedModel,
-    ModelError,
-    default_cache_dir,
-    pad_left,
-    registry_missing_wheels,
-)
+from mech.models import LoadedModel, registry_missing_wheels
 from mech.prompts import LABELS, _data_dir, _error, _read_text, _snippet
 from mech.refusal import clip
+from mech.registry import REGISTRY, ModelError, default_cache_dir
 from mech.stats import binomial_rate
 
 __all__ = [

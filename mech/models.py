@@ -19,15 +19,16 @@ from typing import Any, Literal
 
 import torch
 
-from mech.chat import format_chat, pad_left, post_instruction_positions, template_suffix_len
+from mech.chat import format_chat, pad_left
 from mech.precision import PrecisionError, choose_precision
+
+# DEFAULT_MODEL, REGISTRY, ModelError, default_cache_dir and prepare are defined in mech.registry (import them
+# from there); mech/replicate.py and runner/calibrate.py still import them from here until the runner move.
 from mech.registry import (
     DEFAULT_MODEL,
     REGISTRY,
     ModelError,
-    ModelSpec,
     _dist_file,
-    assemble_gguf,
     default_cache_dir,
     dequantize_gguf,
     is_prepared,
@@ -36,28 +37,16 @@ from mech.registry import (
 )
 
 __all__ = [
-    "DEFAULT_MODEL",
-    "REGISTRY",
     "LoadedModel",
-    "ModelError",
     "ModelShape",
-    "ModelSpec",
     "Quantize",
-    "assemble_gguf",
     "check_model_source",
-    "default_cache_dir",
-    "dequantize_gguf",
-    "format_chat",
     "load_model",
     "n_layers_of",
-    "pad_left",
     "parse_max_memory",
     "pick_device",
     "pick_dtype",
-    "post_instruction_positions",
-    "prepare",
     "registry_missing_wheels",
-    "template_suffix_len",
 ]
 
 Quantize = Literal["none", "4bit", "8bit"]

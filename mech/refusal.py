@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mech.models import pad_left
+from mech.chat import pad_left
 
 REPORT_CHARS = 200  # reports never show more of a completion to a harmful prompt
 _QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201b": "'", "\u2032": "'", "\u201c": '"', "\u201d": '"'})

@@ -227,7 +227,8 @@ def test_collect_only_exits_0_and_never_suggests_deleting_snapshots(pytester, tm
 
 
 def test_corrupt_gguf_is_one_line_with_the_fix(tmp_path: Path) -> None:
-    from mech.models import ModelError, n_layers_of
+    from mech.models import n_layers_of
+    from mech.registry import ModelError
 
     bad = tmp_path / "model.gguf"
     bad.write_bytes(os.urandom(2048))

@@ -20,11 +20,11 @@ import pytest
 pytest.importorskip("ray")
 
 from fixtures.tiny_models import build_tiny_model  # noqa: E402
-from mech.ablation import make_baseline  # noqa: E402
 from mech.cache import DiskCache  # noqa: E402
 from mech.controls import ablation_scores as local_ablation_scores  # noqa: E402
 from mech.controls import cumulative_ablation  # noqa: E402
 from mech.distributed import ModelSpec, RayPool, ablation_scores, distributed_sweep  # noqa: E402
+from mech.evaluation import make_baseline
 from mech.models import load_model  # noqa: E402
 from mech.patching import PatchingError, head_sweep, layer_sweep  # noqa: E402
 
@@ -142,8 +142,8 @@ def test_an_error_in_the_work_surfaces_unretried(pool):
 @pytest.mark.realmodel
 def test_default_model_sweep_over_two_workers(lm, refusal_tokens, run_config):
     """The embedded default model: resid_pre patching on 2 pairs over 2 Ray workers equals one process."""
-    from mech.models import DEFAULT_MODEL
     from mech.prompts import default_pairs
+    from mech.registry import DEFAULT_MODEL
 
     if lm.name != DEFAULT_MODEL:
         pytest.skip("runs on the embedded default model")

@@ -19,9 +19,9 @@ from mech.judge import (
     judge_from_name,
     load_judge_gold,
 )
-from mech.models import ModelError
 from mech.prompts import PromptFileError
 from mech.refusal import REPORT_CHARS, Judge, SubstringDetector
+from mech.registry import ModelError
 
 # The tiny byte-level tokenizers split " A" into a space and a letter: read single letters after "Answer:\n".
 # A short rubric with two worked examples keeps the tiny models within their 512 positions.

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 
 from fixtures.tiny_models import build_tiny_model
 from mech import precision
-from mech.models import ModelError, _contiguous_unembed, load_model, pick_dtype
+from mech.models import _contiguous_unembed, load_model, pick_dtype
 from mech.refusal import generate_ids
+from mech.registry import ModelError
 
 
 @pytest.mark.parametrize(("units", "want"), [([], torch.float32), (["avx512_bf16"], torch.bfloat16),

@@ -33,7 +33,6 @@ The package, one concept per module:
 * :mod:`~mech.patching.result` — :class:`PatchResult`.
 """
 
-from mech.chat import template_suffix_len
 from mech.patching.attribution import (
     Verification,
     attribution_patching,
@@ -125,7 +124,6 @@ __all__ = [
     "reference_runs",
     "register_component",
     "sweep_positions",
-    "template_suffix_len",
     "unit_patches",
     "verify_against_exact",
 ]
