@@ -56,6 +56,7 @@ __all__ = [
     "evaluate_ablation",
     "individual_ablations",
     "mean_activations",
+    "unit_masks",
 ]
 
 AblationMethod = Literal["zero", "mean"]
@@ -148,7 +149,7 @@ def mean_activations(
 # ------------------------------------------------------------------------------------------- ablation
 
 
-def _unit_masks(lm: LoadedModel, components: Sequence[Component]) -> dict[str, Tensor]:
+def unit_masks(lm: LoadedModel, components: Sequence[Component]) -> dict[str, Tensor]:
     """``{hook name: bool mask [*feat]}`` of the units to ablate at each hook point."""
     s = lm.shape
     masks: dict[str, Tensor] = {}
@@ -185,7 +186,7 @@ def ablate(
         raise ValueError(f"unknown ablation method {method!r}; use zero or mean")
     if method == "mean" and means is None:
         raise ValueError("mean-ablation needs means=mean_activations(lm, harmless_prompts, kinds)")
-    masks = _unit_masks(lm, comps)
+    masks = unit_masks(lm, comps)
     dev_masks: dict[tuple[str, torch.device], Tensor] = {}
 
     def make(name: str) -> Callable[[Tensor, HookPoint], Tensor]:

@@ -28,9 +28,9 @@ from mech.registry import (
     DEFAULT_MODEL,
     REGISTRY,
     ModelError,
-    _dist_file,
     default_cache_dir,
     dequantize_gguf,
+    dist_file,
     is_prepared,
     prepare,
     sha256_file,
@@ -41,6 +41,7 @@ __all__ = [
     "ModelShape",
     "Quantize",
     "check_model_source",
+    "contiguous_unembed",
     "load_model",
     "n_layers_of",
     "parse_max_memory",
@@ -79,7 +80,7 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
         raise ModelError(str(e)) from None
 
 
-def _contiguous_unembed(model: Any) -> None:
+def contiguous_unembed(model: Any) -> None:
     """Make the output embedding (``lm_head``) read a contiguous input.
 
     With ``logits_to_keep=1`` the HF causal-LM forward passes ``hidden[:, -1:, :]``, a non-contiguous
@@ -271,11 +272,11 @@ def registry_missing_wheels(name: str, cache: Path) -> list[str] | None:
     """For a registry model: None when it is prepared in ``cache``, else the wheels that are not installed.
 
     The load-time check behind :func:`check_model_source` and ``mech.judge.check_judge_name``; it looks wheels
-    up through this module's ``_dist_file`` (tests replace it here to simulate an uninstalled wheel)."""
+    up through this module's ``dist_file`` (tests replace it here to simulate an uninstalled wheel)."""
     spec = REGISTRY[name]
     if is_prepared(cache / "models" / f"{name}-fp32", spec.sha256):
         return None
-    return [d for d, m in zip(spec.dists, spec.members, strict=True) if _dist_file(d, m) is None]
+    return [d for d, m in zip(spec.dists, spec.members, strict=True) if dist_file(d, m) is None]
 
 
 def check_model_source(name_or_path: str, cache_dir: str | Path | None = None) -> None:
@@ -405,7 +406,7 @@ def load_model(
     if device_map is None and qconf is None:
         model.to(dev)
     model.eval()
-    _contiguous_unembed(model)
+    contiguous_unembed(model)
     for prm in model.parameters():
         prm.requires_grad_(False)
     if tokenizer.pad_token_id is None:

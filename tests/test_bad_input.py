@@ -440,7 +440,7 @@ def test_killed_preparation_leaves_no_temporary_files_on_the_next_run(tmp_path: 
 
     spec = models.ModelSpec("tiny-chunked", "tiny.gguf", hashlib.sha256(data).hexdigest(), len(data),
                             ("d1", "d2"), ("m1", "m2"), "pip install tiny")
-    monkeypatch.setattr(models, "_dist_file", lambda d, m: chunks[int(d[1:]) - 1])
+    monkeypatch.setattr(models, "dist_file", lambda d, m: chunks[int(d[1:]) - 1])
     cache = tmp_path / "cache"
     (cache / "gguf").mkdir(parents=True)
     (cache / "models").mkdir()
@@ -492,7 +492,7 @@ def test_unwritable_cache_for_an_unprepared_model_is_one_line(tmp_path: Path, mo
     blocker = tmp_path / "cache"
     blocker.write_text("a file where the cache dir should be")
     spec = models.ModelSpec("ghost", "ghost.gguf", "0" * 64, 3, ("d1", "d2"), ("m1", "m2"), "pip install ghost")
-    monkeypatch.setattr(models, "_dist_file", lambda d, m: blocker)
+    monkeypatch.setattr(models, "dist_file", lambda d, m: blocker)
     with pytest.raises(models.ModelError) as ei:
         models.assemble_gguf(spec, blocker / "sub")
     assert "cannot prepare ghost.gguf in the cache dir" in _one_line(ei.value) and "--cache-dir" in str(ei.value)

