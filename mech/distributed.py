@@ -1,7 +1,7 @@
 """Distributed sweeps over Ray: patch and ablation lists fanned out to actors that each hold a model replica.
 
 :class:`RayPool` starts ``workers`` Ray actors (a local cluster when no address is given, or an existing
-cluster at ``address``); each loads the model once from a :class:`ModelSpec` (a registry name, a local dir or
+cluster at ``address``); each loads the model once from a :class:`ReplicaSpec` (a registry name, a local dir or
 a ``.gguf``; ``device_map``/``max_memory`` shard one replica over a node's devices). :meth:`RayPool.map`
 hands out units of work to idle actors and gathers the results in input order:
 
@@ -41,7 +41,7 @@ class DistributedError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class ModelSpec:
+class ReplicaSpec:
     """How each worker loads its replica: the arguments of :func:`mech.models.load_model`."""
 
     name_or_path: str
@@ -97,7 +97,7 @@ class _Worker:
 
         if threads:
             torch.set_num_threads(threads)
-        self.lm = ModelSpec(**spec).load()
+        self.lm = ReplicaSpec(**spec).load()
 
     def run(self, task: str, payload: dict[str, Any]) -> Any:
         return TASKS[task](self.lm, **payload)
@@ -236,7 +236,7 @@ class RayPool:
 
     def __init__(
         self,
-        spec: ModelSpec,
+        spec: ReplicaSpec,
         workers: int = 2,
         address: str | None = None,
         cache: DiskCache | None = None,

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -388,16 +387,6 @@ def derive_refusal_tokens(
     return RefusalTokens(
         ids=tuple(ids), tokens=tuple(tok.convert_ids_to_tokens(i) for i in ids), counts=(0,) * len(ids), source="fallback"
     )
-
-
-def auroc(pos_scores: Sequence[float], neg_scores: Sequence[float]) -> float:
-    """AUROC from the Mann–Whitney U statistic (scipy): P(score of a positive > score of a negative)."""
-    from scipy.stats import mannwhitneyu
-
-    if len(pos_scores) == 0 or len(neg_scores) == 0:
-        return math.nan
-    u = mannwhitneyu(pos_scores, neg_scores, alternative="two-sided").statistic
-    return float(u) / (len(pos_scores) * len(neg_scores))
 
 
 def measure(
