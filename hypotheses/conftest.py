@@ -175,9 +175,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Report order: baseline, H1, H2, H3, H4; each hypothesis's primary claim first."""
-    from fixtures.report import HYPOTHESES
+    from fixtures.families import FAMILIES
 
-    order = list(HYPOTHESES)
+    order = [f.marker for f in FAMILIES]
 
     def key(ix: tuple[int, pytest.Item]) -> tuple:
         i, item = ix
