@@ -42,7 +42,7 @@ from torch import Tensor
 
 from mech.chat import pad_left
 from mech.coherence import OUTCOMES, Outcome
-from mech.models import LoadedModel, registry_missing_wheels
+from mech.models import LoadedModel, load_model, registry_missing_wheels
 from mech.prompts import LABELS, data_dir, file_error, read_data_file, snippet
 from mech.refusal import clip
 from mech.registry import REGISTRY, ModelError, default_cache_dir
@@ -417,8 +417,6 @@ def judge_from_name(
 
     Raises :class:`ModelError` with one line naming the pip extra when the model is not installed or unknown.
     """
-    from mech.models import load_model
-
     check_judge_name(name, cache_dir)
     lm = load_model(name, device=device, dtype=dtype, quantize=quantize, cache_dir=cache_dir)
     return LLMJudge(lm, **judge_kw)

@@ -21,6 +21,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mech.chat import pad_left
+from mech.prompts import refusal_markers
 
 REPORT_CHARS = 200  # reports never show more of a completion to a harmful prompt
 _QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201b": "'", "\u2032": "'", "\u201c": '"', "\u201d": '"'})
@@ -54,8 +55,6 @@ class SubstringDetector:
 
     def __post_init__(self) -> None:
         if not self.markers:
-            from mech.prompts import refusal_markers
-
             object.__setattr__(self, "markers", tuple(refusal_markers()))
         object.__setattr__(self, "markers", tuple(normalize(m) for m in self.markers))
 
@@ -81,8 +80,6 @@ def shortest_marker(tokenizer: Any, markers: Sequence[str] | None = None) -> tup
     substring detector (e.g. ``--max-new-tokens 1``), so a refusal count from it is no evidence. Tokenizer only:
     no forward."""
     if markers is None:
-        from mech.prompts import refusal_markers
-
         markers = refusal_markers()
     best: tuple[int, str] = (10**9, "")
     for m in markers:

