@@ -48,6 +48,7 @@ bench: setup
 lint: $(STAMP)
 	$(BIN)/python -m ruff check .
 	$(BIN)/python -m mypy  # mech/, configured in pyproject.toml [tool.mypy]
+	$(BIN)/python scripts/check_imports.py  # no upward import, no private name across modules, no import cycle
 
 clean-reports:
 	find reports -mindepth 1 ! -name .gitkeep -delete
