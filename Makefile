@@ -10,7 +10,7 @@ MODEL  ?= qwen2.5-coder-0.5b-instruct
 JUDGE  ?= qwen2.5-coder-1.5b-instruct
 PYTEST_ARGS ?=
 
-.PHONY: setup model browser hypotheses test bench lint clean-reports
+.PHONY: setup model browser hypotheses test test-fast bench lint clean-reports
 
 setup: $(STAMP) model browser
 
@@ -41,6 +41,10 @@ hypotheses: setup
 
 test: setup
 	$(BIN)/python -m pytest tests/ $(PYTEST_ARGS)
+
+# the fast tier: every test that does not run the real default model (tiny local models only); no model to prepare
+test-fast: $(STAMP) browser
+	$(BIN)/python -m pytest tests/ -m "not realmodel" $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/python -m pytest benchmarks/ --benchmark-only $(PYTEST_ARGS)
