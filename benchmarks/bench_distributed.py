@@ -19,7 +19,7 @@ import pytest
 
 pytest.importorskip("ray")
 
-from mech.distributed import ModelSpec, RayPool, distributed_sweep  # noqa: E402
+from mech.distributed import RayPool, ReplicaSpec, distributed_sweep  # noqa: E402
 from mech.patching import head_sweep  # noqa: E402
 
 WORKLOAD = json.loads((Path(__file__).with_name("workload.json")).read_text())
@@ -37,7 +37,7 @@ def test_ray_two_workers_vs_one_process(benchmark: Any, lm, run_config) -> None:
     single = head_sweep(lm, PAIRS, **kw)
     single_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    pool = RayPool(ModelSpec(lm.name, cache_dir=str(run_config.cache_dir)), workers=2)
+    pool = RayPool(ReplicaSpec(lm.name, cache_dir=str(run_config.cache_dir)), workers=2)
     pool.start()
     start_s = time.perf_counter() - t0
     try:

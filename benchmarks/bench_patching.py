@@ -39,9 +39,9 @@ import numpy as np
 import pytest
 import torch
 
-from mech.attribution import attribution_patching, verify_against_exact
 from mech.models import LoadedModel
 from mech.patching import PatchResult, Work, end_positions, head_sweep, layer_sweep, patch_sweep
+from mech.patching.attribution import attribution_patching, verify_against_exact
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKLOAD = json.loads((Path(__file__).with_name("workload.json")).read_text())
@@ -196,7 +196,7 @@ def state(bench_lm: LoadedModel, matmul_gflops: dict[str, float]) -> Iterator[di
     """Shared across the tasks; written to reports/bench_patching.json at the end."""
     lm = bench_lm
     imp = subprocess.run(
-        [sys.executable, "-c", "import time; t = time.perf_counter(); import mech.patching, mech.attribution; "
+        [sys.executable, "-c", "import time; t = time.perf_counter(); import mech.patching, mech.patching.attribution; "
          "print(time.perf_counter() - t)"], capture_output=True, text=True, cwd=ROOT, check=True,
     )
     st: dict[str, Any] = {

@@ -24,10 +24,11 @@ from typing import Any
 import pytest
 import torch
 
-from mech.models import DEFAULT_MODEL, LoadedModel, default_cache_dir, load_model
+from mech.models import LoadedModel, load_model
 from mech.precision import cpu_bf16_units
 from mech.prompts import load_prompts
 from mech.refusal import generate_ids
+from mech.registry import DEFAULT_MODEL, default_cache_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = ("float32", "bfloat16")

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from mech.models import default_cache_dir
+from mech.registry import default_cache_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 

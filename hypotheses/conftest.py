@@ -7,15 +7,20 @@ from __future__ import annotations
 
 import pytest
 
-from fixtures.options import resolve_config
-from mech.models import ModelError, n_layers_of
-from mech.prompts import PromptFileError, PromptSet, default_pairs, load_prompts
+from fixtures.config import get_suite_config
+from fixtures.eval_set import load_eval_set
+from fixtures.families import FAMILIES
+from fixtures.options import check_reports_dir, resolve_config
+from fixtures.report import reports_path
+from mech.context import ContextError, check_batch_memory, check_context, context_length, prompt_lengths
+from mech.memory import memory_budget
+from mech.models import load_tokenizer, n_layers_of, pick_device, pick_dtype
+from mech.prompts import PromptFileError, PromptSet, benign_alarming, default_pairs, load_prompts
+from mech.registry import ModelError
 
 
 def _categories(config: pytest.Config) -> list[str]:
     """The categories of --prompts and --eval-prompts (both checked here: a bad file is a usage error)."""
-    from fixtures.model import load_eval_set
-
     cfg = resolve_config(config)
     try:
         ps = load_prompts(cfg.prompts) if cfg.prompts else default_pairs()
@@ -39,9 +44,6 @@ def _n_layers(config: pytest.Config) -> int:
 
 
 def _prompt_sets(config: pytest.Config) -> list[tuple[str, PromptSet]]:
-    from fixtures.model import load_eval_set
-    from mech.prompts import benign_alarming
-
     cfg = resolve_config(config)
     sets = [("--prompts " + cfg.prompts if cfg.prompts else "data/refusal_pairs.json",
              load_prompts(cfg.prompts) if cfg.prompts else default_pairs())]
@@ -55,8 +57,6 @@ def _check_data_use(config: pytest.Config, sets: list[tuple[str, PromptSet]]) ->
     """Prompt texts (normalized: case, whitespace, invisible characters), not ids: an --eval-prompts row whose text
     is also a selecting (train or validation) prompt is refused; a text repeated inside --prompts is kept in one
     split (PromptSet.split) and said so."""
-    from fixtures.config import get_suite_config
-
     cfg = resolve_config(config)
     (name, ps) = sets[0]
     dups = ps.duplicate_texts()
@@ -82,11 +82,6 @@ def _check_data_use(config: pytest.Config, sets: list[tuple[str, PromptSet]]) ->
 def _check_context(config: pytest.Config, sets: list[tuple[str, PromptSet]]) -> None:
     """Every prompt fits the model's context with the tokens generated, and the longest batch fits in memory:
     checked with the tokenizer and config only, before the model loads (mech.context)."""
-    from fixtures.config import get_suite_config
-    from mech.context import ContextError, check_batch_memory, check_context, context_length, prompt_lengths
-    from mech.memory import memory_budget
-    from mech.models import load_tokenizer, pick_device, pick_dtype
-
     cfg = resolve_config(config)
     suite = get_suite_config(config)
     try:
@@ -112,8 +107,6 @@ def quantized_cpu_reason(config: pytest.Config) -> str | None:
     """Why the claims that rank heads by attribution patching cannot run in this configuration, or None:
     attribution patching needs gradients through every linear layer, and bitsandbytes' 4-bit CPU kernel
     (gemv_4bit, inference only) has none. Decided from the options, before the model loads."""
-    from mech.models import pick_device
-
     cfg = resolve_config(config)
     if cfg.quantize == "4bit" and pick_device(cfg.device).type == "cpu":
         return ("--quantize 4bit on CPU: attribution patching needs gradients through the model and bitsandbytes' "
@@ -143,10 +136,6 @@ def _check_expressions(config: pytest.Config) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     """Check every option, ``--set`` item, --prompts and --model once, before collection and before the model
     loads: a bad one is a one-line usage error (exit 4) and nothing is written."""
-    from fixtures.config import get_suite_config
-    from fixtures.options import check_reports_dir
-    from fixtures.report import reports_path
-
     _check_expressions(config)
     resolve_config(config)
     get_suite_config(config)
@@ -174,9 +163,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Report order: baseline, H1, H2, H3, H4; each hypothesis's primary claim first."""
-    from fixtures.report import HYPOTHESES
-
-    order = list(HYPOTHESES)
+    order = [f.marker for f in FAMILIES]
 
     def key(ix: tuple[int, pytest.Item]) -> tuple:
         i, item = ix

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fixtures.h2_hierarchy import hierarchy_parts, resid_effect_per_pair
 from mech import plots
 from mech.patching import PatchResult
 from mech.stats import (
@@ -41,8 +42,6 @@ def test_read_early_moved_later(layer_probe, layer_patching, lm, suite, claim, s
     post-instruction positions (read where it is used), fails (2); one whose post-instruction positions never carry
     refusal by the later layer fails (3); label-shuffled training data (nothing to read) fails (1). Content words
     alone, which any language model decodes early, pass (1) only: the decodability claim of earlier versions."""
-    from fixtures.h2_hierarchy import hierarchy_parts, resid_effect_per_pair
-
     n = lm.shape.n_layers
     val = layer_probe["val_accuracy"]
     eff = resid_effect_per_pair(layer_patching)
@@ -120,7 +119,6 @@ def test_resid_patching_rises_in_middle_band(layer_patching, head_patching, lm, 
     reaches 0.5 lies in [n/4, 3n/4), with its whole 95% bootstrap CI (over pairs) inside the band."""
     res = PatchResult.from_dict(layer_patching)
     comps = res.axis("component")
-    from fixtures.h2_hierarchy import resid_effect_per_pair
 
     per_pair = resid_effect_per_pair(layer_patching)
     n = lm.shape.n_layers

@@ -10,10 +10,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fixtures.common import require
+from fixtures.common import grades_before, require
+from fixtures.grading import removal_claim
+from fixtures.h1_circuit import circuit_parts
 from mech import plots
 from mech.stats import (
     bootstrap_ci,
+    intersection_union_p,
     null_detectable_shift,
 )
 
@@ -33,9 +36,6 @@ def test_ranked_heads_beat_layer_matched_random(circuit_ablation, top_head_atten
 
     How it fails: a ranking no better than chance loses (1) (the ranked set is one more draw from the null); a
     drop carried by a few prompts, or one that random sets of the same layers reach on most prompts, loses (2)."""
-    from fixtures.h1_circuit import circuit_parts
-    from mech.stats import intersection_union_p
-
     c = circuit_ablation
     base, ranked, null = np.array(c["base"]), np.array(c["ranked"]), np.array(c["null_scores"])  # null [draws, n]
     t = circuit_parts(base, ranked, null, suite)
@@ -101,9 +101,6 @@ def test_ablation_removes_refusal(circuit_ablation, baseline, suite, claim):
     (exact one-sided McNemar, p < alpha; only a coherent compliance counts as removed, broken text does not; the
     decision measure is the judge with --judge, else substring + coherence; `not tested` below ``min_refusals``
     refusals at baseline). The substring-only and judge verdicts are reported beside it."""
-    from fixtures.common import grades_before
-    from fixtures.grading import removal_claim
-
     c = circuit_ablation
     before, after = grades_before(baseline, c["prompts"]), c["grades_after"]
     refused = sum(g.outcome == "refusal" for g in before)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fixtures.h1_circuit import top_heads
-from mech.models import DEFAULT_MODEL
+from mech.registry import DEFAULT_MODEL
 
 pytestmark = [pytest.mark.realmodel, pytest.mark.slow]
 

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from mech.models import DEFAULT_MODEL, REGISTRY, ModelError, default_cache_dir, prepare
+from mech.registry import DEFAULT_MODEL, REGISTRY, ModelError, default_cache_dir, prepare
 
 
 def main(argv: list[str] | None = None) -> int:

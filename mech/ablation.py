@@ -3,8 +3,7 @@
 Patching shows that a component is *sufficient* to move refusal; ablation asks whether it is *necessary*.
 Components (:class:`~mech.components.Component`: ``L12.H3``, ``L5.N1234``, ``L7.attn``, ``L7.mlp``) and their
 parameter accounting live in :mod:`mech.components`; measuring an intervention in :mod:`mech.evaluation`; the
-cumulative curve and its random-component controls in :mod:`mech.controls`. The names users imported from here
-before those modules existed keep working.
+cumulative curve and its random-component controls in :mod:`mech.controls`.
 
 Ablation (:func:`ablate`, a context manager over :func:`mech.hooks.hooks`, so hooks are removed on error)
     ``zero``: the activation is set to 0. ``mean``: it is set to its mean over a reference set (the harmless
@@ -31,28 +30,17 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
+from mech.components import HOOK_OF_KIND as _HOOK_OF_KIND
 from mech.components import (
-    COMPONENT_KINDS,
     Component,
-    all_components,
     as_component,
     check_component,
-    component_param_count,
-    param_breakdown,
     param_fraction,
-    random_components,
 )
-from mech.components import HOOK_OF_KIND as _HOOK_OF_KIND
 from mech.evaluation import (
     Baseline,
-    GeneratedRefusals,
     InterventionResult,
-    ScoreChange,
-    completion_cross_entropy,
     evaluate_intervention,
-    first_token_kl,
-    greedy_completion_ids,
-    make_baseline,
 )
 from mech.hooks import HookPoint, hook_name, hooks
 
@@ -60,44 +48,19 @@ if TYPE_CHECKING:
     from mech.models import LoadedModel
 
 __all__ = [
-    "COMPONENT_KINDS",
     "Ablation",
     "AblationMethod",
-    "Baseline",
-    "Component",
-    "GeneratedRefusals",
-    "InterventionResult",
     "MeanActivations",
     "MeanMode",
-    "ScoreChange",
     "ablate",
-    "all_components",
-    "component_param_count",
-    "completion_cross_entropy",
     "evaluate_ablation",
-    "evaluate_intervention",
-    "first_token_kl",
-    "greedy_completion_ids",
     "individual_ablations",
-    "make_baseline",
     "mean_activations",
-    "param_breakdown",
-    "param_fraction",
-    "random_components",
+    "unit_masks",
 ]
 
 AblationMethod = Literal["zero", "mean"]
 MeanMode = Literal["end_aligned", "averaged"]
-_CONTROLS = ("CumulativePoint", "CumulativeResult", "cumulative_ablation")  # moved to mech.controls
-
-
-def __getattr__(name: str) -> Any:
-    """The controls moved to :mod:`mech.controls` (which imports this module) stay importable from here."""
-    if name in _CONTROLS:
-        import mech.controls
-
-        return getattr(mech.controls, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # -------------------------------------------------------------------------------------------- means
@@ -186,7 +149,7 @@ def mean_activations(
 # ------------------------------------------------------------------------------------------- ablation
 
 
-def _unit_masks(lm: LoadedModel, components: Sequence[Component]) -> dict[str, Tensor]:
+def unit_masks(lm: LoadedModel, components: Sequence[Component]) -> dict[str, Tensor]:
     """``{hook name: bool mask [*feat]}`` of the units to ablate at each hook point."""
     s = lm.shape
     masks: dict[str, Tensor] = {}
@@ -223,7 +186,7 @@ def ablate(
         raise ValueError(f"unknown ablation method {method!r}; use zero or mean")
     if method == "mean" and means is None:
         raise ValueError("mean-ablation needs means=mean_activations(lm, harmless_prompts, kinds)")
-    masks = _unit_masks(lm, comps)
+    masks = unit_masks(lm, comps)
     dev_masks: dict[tuple[str, torch.device], Tensor] = {}
 
     def make(name: str) -> Callable[[Tensor, HookPoint], Tensor]:

@@ -4,7 +4,7 @@ A completion that an intervention has broken (gibberish, an empty answer, a loop
 substring, so the substring detector alone counts it as "refusal removed". This module measures it instead:
 
 * **NLL**: the *unmodified* model's mean per-token negative log-likelihood (nats) of the completion given its
-  chat-formatted prompt, teacher-forced, left-padded batches (:func:`mech.ablation.completion_cross_entropy`), or
+  chat-formatted prompt, teacher-forced, left-padded batches (:func:`mech.evaluation.completion_cross_entropy`), or
   read off that model's own greedy decoding when it wrote the completion (:func:`self_nll`: the same number, no
   forward; the suite's grades and calibration use it for the baseline completions).
   Gibberish and mixed-script noise score high.
@@ -47,7 +47,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from mech.ablation import completion_cross_entropy
+from mech.evaluation import completion_cross_entropy
 from mech.stats import binomial_rate
 
 __all__ = [

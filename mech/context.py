@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mech.chat import format_chat
+from mech.memory import estimate_memory
 
 
 class ContextError(ValueError):
@@ -77,8 +78,6 @@ def check_batch_memory(config: Any, lengths: Sequence[PromptLength], new_tokens:
                        quantize: str, budget_bytes: float, budget_what: str, model_name: str) -> Any:
     """The :class:`mech.memory.MemoryEstimate` of the longest batch (``batch`` rows padded to the longest prompt
     plus ``new_tokens``), or :class:`ContextError` when it exceeds 90% of ``budget_bytes``."""
-    from mech.memory import estimate_memory
-
     if not lengths:
         return None
     cfg = getattr(config, "text_config", None) or config

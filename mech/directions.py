@@ -46,6 +46,8 @@ from torch import Tensor, nn
 from mech.chat import post_instruction_positions
 from mech.evaluation import Baseline, InterventionResult, evaluate_intervention
 from mech.hooks import HookPoint, decoder_layers, hook_name, hooks, run_with_cache
+from mech.scoring import scores_under
+from mech.set_scores import direction_set_scores  # every candidate as rows of one batch, clean run once
 from mech.stats import fields_dict, jsonable
 from mech.vectors import DirectionError, as_vector
 
@@ -57,7 +59,6 @@ DirectionIntervention = Literal["directional_ablation", "activation_addition", "
 __all__ = [
     "CandidateScore",
     "DiffInMeans",
-    "DirectionError",
     "DirectionIntervention",
     "DirectionSelection",
     "activation_addition",
@@ -65,7 +66,6 @@ __all__ = [
     "directional_ablation",
     "evaluate_direction",
     "orthogonalized_weights",
-    "post_instruction_positions",
     "select_direction",
 ]
 
@@ -358,7 +358,6 @@ def select_direction(
     positions = dim.positions if positions is None else tuple(positions)
     n_layers = lm.shape.n_layers
     max_layer = int(n_layers * (1.0 - prune_last_fraction))
-    from mech.set_scores import direction_set_scores  # every candidate as rows of one batch, clean run once
 
     cands = [(L, p, dim.vector(L, p)) for L in layers for p in positions]
     # e.g. layer 0 at a template token: the same embedding on both sides gives a zero vector, not scored
@@ -370,8 +369,6 @@ def select_direction(
                                    max_rows=rows)
         base_scores = abl.clean
     else:
-        from mech.scoring import scores_under
-
         base_scores = scores_under(lm, hv + lv, ids, batch_size=batch_size)
     at = {i: j for j, i in enumerate(live)}
     scored: list[CandidateScore] = []

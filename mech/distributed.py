@@ -1,7 +1,7 @@
 """Distributed sweeps over Ray: patch and ablation lists fanned out to actors that each hold a model replica.
 
 :class:`RayPool` starts ``workers`` Ray actors (a local cluster when no address is given, or an existing
-cluster at ``address``); each loads the model once from a :class:`ModelSpec` (a registry name, a local dir or
+cluster at ``address``); each loads the model once from a :class:`ReplicaSpec` (a registry name, a local dir or
 a ``.gguf``; ``device_map``/``max_memory`` shard one replica over a node's devices). :meth:`RayPool.map`
 hands out units of work to idle actors and gathers the results in input order:
 
@@ -28,7 +28,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from mech import patching
 from mech.cache import DiskCache, code_version, make_key
+from mech.controls import ablation_scores as local_scores
+from mech.models import load_model
+from mech.patching import PatchingError, PatchResult, as_pairs
+from mech.refusal import RefusalIdsError, check_refusal_ids
 
 if TYPE_CHECKING:
     from mech.ablation import Ablation
@@ -41,7 +46,7 @@ class DistributedError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class ModelSpec:
+class ReplicaSpec:
     """How each worker loads its replica: the arguments of :func:`mech.models.load_model`."""
 
     name_or_path: str
@@ -53,8 +58,6 @@ class ModelSpec:
     max_memory: dict | None = None
 
     def load(self) -> LoadedModel:
-        from mech.models import load_model
-
         return load_model(**asdict(self))
 
 
@@ -62,8 +65,6 @@ class ModelSpec:
 
 
 def _task_sweep(lm: LoadedModel, sweep: str, pairs: list[tuple[str, str]], kwargs: dict[str, Any]) -> dict[str, Any]:
-    from mech import patching
-
     sweeps: dict[str, Callable[..., PatchResult]] = {
         "patch_sweep": patching.patch_sweep, "layer_sweep": patching.layer_sweep,
         "head_sweep": patching.head_sweep, "neuron_sweep": patching.neuron_sweep}
@@ -74,8 +75,6 @@ def _task_ablation(
     lm: LoadedModel, prompts: list[str], refusal_ids: list[int], sets: list[list[str]], ablation: Ablation,
     batch_size: int,
 ) -> list[float]:
-    from mech.controls import ablation_scores as local_scores
-
     return local_scores(lm, prompts, refusal_ids, sets, ablation, batch_size)
 
 
@@ -97,7 +96,7 @@ class _Worker:
 
         if threads:
             torch.set_num_threads(threads)
-        self.lm = ModelSpec(**spec).load()
+        self.lm = ReplicaSpec(**spec).load()
 
     def run(self, task: str, payload: dict[str, Any]) -> Any:
         return TASKS[task](self.lm, **payload)
@@ -236,7 +235,7 @@ class RayPool:
 
     def __init__(
         self,
-        spec: ModelSpec,
+        spec: ReplicaSpec,
         workers: int = 2,
         address: str | None = None,
         cache: DiskCache | None = None,
@@ -418,9 +417,6 @@ def distributed_sweep(
     ``kwargs`` go to the sweep (``direction``, ``refusal_ids``, ``method``, ``components``...); they must be
     plain data (no callables), since they travel to the workers and into the cache key.
     """
-    from mech.patching import PatchingError, PatchResult, as_pairs
-    from mech.refusal import RefusalIdsError, check_refusal_ids
-
     if sweep not in ("patch_sweep", "layer_sweep", "head_sweep", "neuron_sweep"):
         raise ValueError(f"unknown sweep {sweep!r}; use layer_sweep, head_sweep, neuron_sweep or patch_sweep")
     if isinstance(pairs_per_unit, bool) or not isinstance(pairs_per_unit, int) or pairs_per_unit < 1:
@@ -441,8 +437,6 @@ def distributed_sweep(
 
 def merge_results(parts: Sequence[PatchResult]) -> PatchResult:
     """One :class:`~mech.patching.PatchResult` from per-unit results over disjoint pairs (same patches)."""
-    from mech.patching import PatchResult
-
     first = parts[0]
     labels = first.labels
     for r in parts[1:]:
@@ -472,9 +466,6 @@ def ablation_scores(
     ``sets_per_unit`` sets), in order: the scorer :func:`mech.controls.cumulative_ablation` takes, bound with
     ``functools.partial(ablation_scores, pool)``. Component sets are ids such as ``"L12.H3"``; the
     :class:`~mech.ablation.Ablation` (with its means) travels to the workers pickled."""
-    from mech.ablation import Ablation
-    from mech.refusal import check_refusal_ids
-
     if isinstance(prompts, str):
         raise ValueError("prompts is one string; pass a list of prompt texts")
     ids = check_refusal_ids(refusal_ids)  # the vocabulary is checked by the workers

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from mech.chat import pad_left
-from mech.refusal import SubstringDetector, generate, last_logits, refusal_log_odds
+from mech.refusal import SubstringDetector, generate, generate_ids, last_logits, refusal_log_odds
 from mech.stats import McNemarResult, RateCI, binomial_rate, fields_dict, mcnemar_exact
 
 if TYPE_CHECKING:
@@ -56,8 +56,6 @@ def greedy_completion_ids(
     lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int = 32, batch_size: int = 64
 ) -> list[list[int]]:
     """Greedy response token ids of each prompt, cut after the first end-of-sequence token (kept)."""
-    from mech.refusal import generate_ids
-
     return generate_ids(lm, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, keep_eos=True)
 
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from mech.coherence import OUTCOMES, CoherenceCheck, Outcome, classify
 from mech.refusal import Judge, SubstringDetector
+from mech.stats import binomial_rate, mcnemar_exact
 
 __all__ = ["MEASURES", "Grade", "Grader", "cohen_kappa", "first_marker_token", "outcome_counts", "removal",
            "removal_by_measure"]
@@ -198,8 +199,6 @@ def removal(before: Sequence[Grade], after: Sequence[Grade], measure: Measure) -
     Only ``compliance`` counts as removed: a prompt *holds out* while its outcome is refusal or incoherent. The
     exact one-sided McNemar test asks whether prompts that held out and now comply (``removed``) outnumber prompts
     that complied and now hold out (``gained``). ``None`` when the measure did not grade (no judge)."""
-    from mech.stats import binomial_rate, mcnemar_exact
-
     if len(before) != len(after):
         raise ValueError(f"removal needs paired grades, got {len(before)} before and {len(after)} after")
     ob, oa = [g.by(measure) for g in before], [g.by(measure) for g in after]

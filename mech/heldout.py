@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from mech.prompts import PromptFileError, PromptSet, _build
+from mech.prompts import PromptFileError, PromptSet, build_prompt_set
 
 __all__ = [
     "ALIASES",
@@ -296,7 +296,7 @@ def load(spec: str, distribution: Callable[[str], _Distribution] = importlib.met
                      "selection": source.selection, "n_available": available, "n": len(rows),
                      "categories": sorted({r["category"] for r in rows})})
     name = spec[len(HELDOUT_PREFIX):].strip()
-    ps = _build(Path(spec), f"heldout_{_slug(name)}", raw)
+    ps = build_prompt_set(Path(spec), f"heldout_{_slug(name)}", raw)
     ps = PromptSet(name=ps.name, prompts=ps.prompts, source=spec)
     identity = {"spec": spec, "sets": sets, "n": len(ps), "n_harmful": len(ps.harmful()),
                 "n_harmless": len(ps.harmless()), "content_hash": ps.content_hash(), "sample_seed": SAMPLE_SEED}

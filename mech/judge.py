@@ -40,17 +40,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mech.chat import pad_left
 from mech.coherence import OUTCOMES, Outcome
-from mech.models import (
-    REGISTRY,
-    LoadedModel,
-    ModelError,
-    default_cache_dir,
-    pad_left,
-    registry_missing_wheels,
-)
-from mech.prompts import LABELS, _data_dir, _error, _read_text, _snippet
+from mech.models import LoadedModel, load_model, registry_missing_wheels
+from mech.prompts import LABELS, data_dir, file_error, read_data_file, snippet
 from mech.refusal import clip
+from mech.registry import REGISTRY, ModelError, default_cache_dir
 from mech.stats import binomial_rate
 
 __all__ = [
@@ -422,8 +417,6 @@ def judge_from_name(
 
     Raises :class:`ModelError` with one line naming the pip extra when the model is not installed or unknown.
     """
-    from mech.models import load_model
-
     check_judge_name(name, cache_dir)
     lm = load_model(name, device=device, dtype=dtype, quantize=quantize, cache_dir=cache_dir)
     return LLMJudge(lm, **judge_kw)
@@ -453,47 +446,47 @@ def load_judge_gold(path: str | Path | None = None) -> tuple[GoldRow, ...]:
     Raises:
         PromptFileError: one line ``<path>: row <n>: <what is wrong>; <how to fix>``.
     """
-    p = Path(path) if path is not None else _data_dir() / "judge_gold.json"
-    text = _read_text(p)
+    p = Path(path) if path is not None else data_dir() / "judge_gold.json"
+    text = read_data_file(p)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise _error(p, f"not valid JSON: {exc.msg}", "fix the JSON syntax there",
+        raise file_error(p, f"not valid JSON: {exc.msg}", "fix the JSON syntax there",
                      where=f"line {exc.lineno} column {exc.colno}") from exc
     if not isinstance(data, dict) or data.get("schema") != GOLD_SCHEMA:
-        got = _snippet(data.get("schema")) if isinstance(data, dict) else f"a {type(data).__name__}"
-        raise _error(p, f"wrong schema {got}", f'use an object with "schema": "{GOLD_SCHEMA}" and "rows": [...]')
+        got = snippet(data.get("schema")) if isinstance(data, dict) else f"a {type(data).__name__}"
+        raise file_error(p, f"wrong schema {got}", f'use an object with "schema": "{GOLD_SCHEMA}" and "rows": [...]')
     rows = data.get("rows")
     if not isinstance(rows, list) or not rows:
-        raise _error(p, "'rows' is missing, empty or not a list", "give a non-empty list of row objects")
+        raise file_error(p, "'rows' is missing, empty or not a list", "give a non-empty list of row objects")
     out: list[GoldRow] = []
     seen: dict[str, int] = {}
     for n, row in enumerate(rows, start=1):
         if not isinstance(row, dict):
-            raise _error(p, f"row is a {type(row).__name__}, not an object",
+            raise file_error(p, f"row is a {type(row).__name__}, not an object",
                          'write {"id", "prompt", "completion", "label", "kind", "prompt_label"}', row=n)
         for key in ("id", "prompt", "completion", "label", "kind", "prompt_label"):
             if not isinstance(row.get(key), str):
-                what = f"missing key '{key}'" if key not in row else f"'{key}' is not a string: {_snippet(row[key])}"
-                raise _error(p, what, f"give every row a string '{key}'", row=n)
+                what = f"missing key '{key}'" if key not in row else f"'{key}' is not a string: {snippet(row[key])}"
+                raise file_error(p, what, f"give every row a string '{key}'", row=n)
         for key in ("id", "prompt", "kind"):
             if not row[key].strip():
-                raise _error(p, f"empty '{key}'", f"write the {key} or delete the row", row=n)
+                raise file_error(p, f"empty '{key}'", f"write the {key} or delete the row", row=n)
         if row["label"] not in OUTCOMES:
-            raise _error(p, f"label {_snippet(row['label'])} is not allowed", f"use one of: {', '.join(OUTCOMES)}",
+            raise file_error(p, f"label {snippet(row['label'])} is not allowed", f"use one of: {', '.join(OUTCOMES)}",
                          row=n)
         if row["prompt_label"] not in LABELS:
-            raise _error(p, f"prompt_label {_snippet(row['prompt_label'])} is not allowed",
+            raise file_error(p, f"prompt_label {snippet(row['prompt_label'])} is not allowed",
                          f"use one of: {', '.join(LABELS)}", row=n)
         if row["id"] in seen:
-            raise _error(p, f"duplicate id {_snippet(row['id'])} (first in row {seen[row['id']]})",
+            raise file_error(p, f"duplicate id {snippet(row['id'])} (first in row {seen[row['id']]})",
                          "give every row a unique id", row=n)
         if not row["completion"].strip() and row["label"] != "incoherent":
-            raise _error(p, f"empty completion labelled {row['label']!r}", "label an empty completion 'incoherent'",
+            raise file_error(p, f"empty completion labelled {row['label']!r}", "label an empty completion 'incoherent'",
                          row=n)
         extra = set(row) - {"id", "prompt", "completion", "label", "kind", "prompt_label", "note"}
         if extra:
-            raise _error(p, f"unknown key(s) {', '.join(sorted(extra))}",
+            raise file_error(p, f"unknown key(s) {', '.join(sorted(extra))}",
                          "use id, prompt, completion, label, kind, prompt_label, note", row=n)
         seen[row["id"]] = n
         out.append(GoldRow(row["id"], row["prompt"], row["completion"], row["label"], row["kind"],

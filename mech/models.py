@@ -19,45 +19,34 @@ from typing import Any, Literal
 
 import torch
 
-from mech.chat import format_chat, pad_left, post_instruction_positions, template_suffix_len
+from mech.chat import format_chat, pad_left
 from mech.precision import PrecisionError, choose_precision
+
+# the registry's names this module uses (defined in mech.registry: import them from there, not from here)
 from mech.registry import (
     DEFAULT_MODEL,
     REGISTRY,
     ModelError,
-    ModelSpec,
-    _dist_file,
-    assemble_gguf,
     default_cache_dir,
     dequantize_gguf,
+    dist_file,
     is_prepared,
     prepare,
     sha256_file,
 )
 
 __all__ = [
-    "DEFAULT_MODEL",
-    "REGISTRY",
     "LoadedModel",
-    "ModelError",
     "ModelShape",
-    "ModelSpec",
     "Quantize",
-    "assemble_gguf",
     "check_model_source",
-    "default_cache_dir",
-    "dequantize_gguf",
-    "format_chat",
+    "contiguous_unembed",
     "load_model",
     "n_layers_of",
-    "pad_left",
     "parse_max_memory",
     "pick_device",
     "pick_dtype",
-    "post_instruction_positions",
-    "prepare",
     "registry_missing_wheels",
-    "template_suffix_len",
 ]
 
 Quantize = Literal["none", "4bit", "8bit"]
@@ -90,7 +79,7 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
         raise ModelError(str(e)) from None
 
 
-def _contiguous_unembed(model: Any) -> None:
+def contiguous_unembed(model: Any) -> None:
     """Make the output embedding (``lm_head``) read a contiguous input.
 
     With ``logits_to_keep=1`` the HF causal-LM forward passes ``hidden[:, -1:, :]``, a non-contiguous
@@ -282,11 +271,11 @@ def registry_missing_wheels(name: str, cache: Path) -> list[str] | None:
     """For a registry model: None when it is prepared in ``cache``, else the wheels that are not installed.
 
     The load-time check behind :func:`check_model_source` and ``mech.judge.check_judge_name``; it looks wheels
-    up through this module's ``_dist_file`` (tests replace it here to simulate an uninstalled wheel)."""
+    up through this module's ``dist_file`` (tests replace it here to simulate an uninstalled wheel)."""
     spec = REGISTRY[name]
     if is_prepared(cache / "models" / f"{name}-fp32", spec.sha256):
         return None
-    return [d for d, m in zip(spec.dists, spec.members, strict=True) if _dist_file(d, m) is None]
+    return [d for d, m in zip(spec.dists, spec.members, strict=True) if dist_file(d, m) is None]
 
 
 def check_model_source(name_or_path: str, cache_dir: str | Path | None = None) -> None:
@@ -416,7 +405,7 @@ def load_model(
     if device_map is None and qconf is None:
         model.to(dev)
     model.eval()
-    _contiguous_unembed(model)
+    contiguous_unembed(model)
     for prm in model.parameters():
         prm.requires_grad_(False)
     if tokenizer.pad_token_id is None:

@@ -47,9 +47,13 @@ __all__ = [
     "PromptSet",
     "PromptSetCapabilities",
     "benign_alarming",
+    "data_dir",
     "default_pairs",
+    "file_error",
     "load_prompts",
+    "read_data_file",
     "refusal_markers",
+    "snippet",
 ]
 
 PROMPTS_SCHEMA = "mech.prompts/v1"
@@ -73,7 +77,7 @@ DATA_DIR: Path = _default_data_dir()
 """Directory of the shipped data files: ``<repo>/data``, or ``$MECH_DATA_DIR`` when set."""
 
 
-def _data_dir() -> Path:
+def data_dir() -> Path:
     """The data directory now: ``$MECH_DATA_DIR`` if set at call time, else :data:`DATA_DIR`."""
     env = os.environ.get("MECH_DATA_DIR")
     return Path(env).expanduser() if env else DATA_DIR
@@ -111,12 +115,13 @@ def normalize_prompt(text: str) -> str:
     return " ".join(text.casefold().split())
 
 
-def _snippet(value: Any, limit: int = 60) -> str:
+def snippet(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters, for one-line error messages."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _error(
+def file_error(
     path: str | Path, what: str, fix: str, row: int | None = None, where: str | None = None
 ) -> PromptFileError:
     """Build a one-line :class:`PromptFileError` for ``path`` (and ``row`` when given)."""
@@ -413,19 +418,20 @@ class PromptSet:
 # --------------------------------------------------------------------------------------------- loading
 
 
-def _read_text(path: Path) -> str:
+def read_data_file(path: Path) -> str:
+    """The text of a data file (BOM stripped); a missing or unreadable file is a one-line :class:`PromptFileError`."""
     if not path.exists():
-        raise _error(path, "file not found", "pass the path of an existing .json or .csv prompt file")
+        raise file_error(path, "file not found", "pass the path of an existing .json or .csv prompt file")
     if not path.is_file():
-        raise _error(path, "not a regular file", "pass the path of a .json or .csv prompt file")
+        raise file_error(path, "not a regular file", "pass the path of a .json or .csv prompt file")
     try:
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise _error(
+        raise file_error(
             path, f"not valid UTF-8 text (byte offset {exc.start})", "save the file as UTF-8"
         ) from exc
     except OSError as exc:
-        raise _error(
+        raise file_error(
             path, f"cannot read the file ({exc.strerror or exc})", "check the path and permissions"
         ) from exc
 
@@ -433,11 +439,11 @@ def _read_text(path: Path) -> str:
 def _parse_json(path: Path, text: str, empty_fix: str) -> Any:
     """The JSON value of a data file's text; an empty file or a syntax error is one line naming the place."""
     if not text.strip():
-        raise _error(path, "empty file", empty_fix)
+        raise file_error(path, "empty file", empty_fix)
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise _error(
+        raise file_error(
             path,
             f"not valid JSON: {exc.msg}",
             "fix the JSON syntax there",
@@ -451,20 +457,20 @@ def _json_rows(path: Path, text: str) -> tuple[str | None, list[Any]]:
     if isinstance(data, list):
         return None, data
     if not isinstance(data, dict):
-        raise _error(
+        raise file_error(
             path,
             f"top-level JSON value is a {type(data).__name__}",
             f'use an object {{"schema": "{PROMPTS_SCHEMA}", "prompts": [...]}} or a list of rows',
         )
     schema = data.get("schema")
     if schema != PROMPTS_SCHEMA:
-        what = "missing key 'schema'" if "schema" not in data else f"wrong schema {_snippet(schema)}"
-        raise _error(path, what, f'set "schema": "{PROMPTS_SCHEMA}"')
+        what = "missing key 'schema'" if "schema" not in data else f"wrong schema {snippet(schema)}"
+        raise file_error(path, what, f'set "schema": "{PROMPTS_SCHEMA}"')
     if "prompts" not in data:
-        raise _error(path, "missing key 'prompts'", 'add a "prompts" list of rows')
+        raise file_error(path, "missing key 'prompts'", 'add a "prompts" list of rows')
     rows = data["prompts"]
     if not isinstance(rows, list):
-        raise _error(
+        raise file_error(
             path, f"'prompts' is a {type(rows).__name__}, not a list", 'make "prompts" a list of row objects'
         )
     name = data.get("name")
@@ -474,14 +480,14 @@ def _json_rows(path: Path, text: str) -> tuple[str | None, list[Any]]:
 def _csv_rows(path: Path, text: str) -> list[dict[str, Any]]:
     """Parse a CSV prompt file into dicts keyed by the lowercased header names."""
     if not text.strip():
-        raise _error(
+        raise file_error(
             path, "empty file", "write a header line 'prompt,label,category,pair_id' and one row per prompt"
         )
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     try:
         header = next(reader)
     except csv.Error as exc:
-        raise _error(
+        raise file_error(
             path, f"not valid CSV: {exc}", "fix the quoting there", where=f"line {reader.line_num}"
         ) from exc
     columns = [h.strip().lower() for h in header]
@@ -493,7 +499,7 @@ def _csv_rows(path: Path, text: str) -> list[dict[str, Any]]:
         if other:
             fix = (f"the file looks delimited by {other[0][1]}, but a prompt CSV is comma-separated: save it "
                    "with commas (e.g. export as 'CSV UTF-8 (comma delimited)') or as JSON")
-        raise _error(
+        raise file_error(
             path,
             f"missing required column(s) {', '.join(missing)} (header has {', '.join(map(repr, columns))})",
             fix,
@@ -508,14 +514,14 @@ def _csv_rows(path: Path, text: str) -> list[dict[str, Any]]:
             break
         except csv.Error as exc:
             if "field larger than field limit" in str(exc):
-                raise _error(
+                raise file_error(
                     path,
                     f"a field longer than {csv.field_size_limit()} characters (line {reader.line_num})",
                     "a prompt this long does not fit a model's context: shorten it (an unclosed quote also reads "
                     "the rest of the file as one field)",
                     row=n + 1,
                 ) from exc
-            raise _error(
+            raise file_error(
                 path,
                 f"not valid CSV at line {reader.line_num}: {exc}",
                 "fix the quoting on that line",
@@ -525,7 +531,7 @@ def _csv_rows(path: Path, text: str) -> list[dict[str, Any]]:
             continue
         n += 1
         if len(record) > len(columns):
-            raise _error(
+            raise file_error(
                 path,
                 f"{len(record)} fields but the header has {len(columns)} (line {reader.line_num})",
                 "quote fields that contain commas",
@@ -540,7 +546,7 @@ def _row_string(path: Path, row: dict[str, Any], key: str, n: int, *, required: 
     value = row.get(key)
     if value is None:
         if required:
-            raise _error(
+            raise file_error(
                 path,
                 f"missing required field '{key}'",
                 f"give every row a value for {', '.join(_REQUIRED)}",
@@ -548,11 +554,11 @@ def _row_string(path: Path, row: dict[str, Any], key: str, n: int, *, required: 
             )
         return None
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise _error(
-            path, f"'{key}' is a {type(value).__name__}: {_snippet(value)}", f"make '{key}' a string", row=n
+        raise file_error(
+            path, f"'{key}' is a {type(value).__name__}: {snippet(value)}", f"make '{key}' a string", row=n
         )
     if isinstance(value, int) and key not in _OPTIONAL:
-        raise _error(path, f"'{key}' is a number: {value}", f"make '{key}' a string", row=n)
+        raise file_error(path, f"'{key}' is a number: {value}", f"make '{key}' a string", row=n)
     return str(value)
 
 
@@ -566,31 +572,31 @@ def _category_suggestion(category: str) -> str:
 def _check_category(path: Path, category: str, n: int) -> None:
     """Categories are test ids (``pytest -k <category>``): lowercase identifiers, never a reserved name."""
     if category in _RESERVED_CATEGORIES:
-        raise _error(
+        raise file_error(
             path,
             f"category {category!r} is reserved (it is the id of the pooled test over every category)",
             f"rename the category, e.g. to {_category_suggestion(category)!r}",
             row=n,
         )
     if not re.fullmatch(CATEGORY_PATTERN, category):
-        raise _error(
+        raise file_error(
             path,
-            f"category {_snippet(category)} cannot be selected with pytest -k",
+            f"category {snippet(category)} cannot be selected with pytest -k",
             f"use a lowercase identifier (letters, digits, _; starting with a letter) such as "
             f"{_category_suggestion(category)!r}",
             row=n,
         )
 
 
-def _build(path: Path, name: str, raw_rows: list[Any]) -> PromptSet:
+def build_prompt_set(path: Path, name: str, raw_rows: list[Any]) -> PromptSet:
     if not raw_rows:
-        raise _error(path, "no prompts in the file", "add at least one row with prompt,label,category")
+        raise file_error(path, "no prompts in the file", "add at least one row with prompt,label,category")
     prompts: list[Prompt] = []
     seen_ids: dict[str, int] = {}
     pair_rows: dict[str, list[tuple[int, str]]] = {}
     for n, row in enumerate(raw_rows, start=1):
         if not isinstance(row, dict):
-            raise _error(
+            raise file_error(
                 path,
                 f"row is a {type(row).__name__}, not an object",
                 'write each row as {"prompt": ..., "label": ..., "category": ...}',
@@ -598,28 +604,28 @@ def _build(path: Path, name: str, raw_rows: list[Any]) -> PromptSet:
             )
         text = _row_string(path, row, "prompt", n, required=True)
         if not text or not text.strip():
-            raise _error(path, "empty prompt", "write the prompt text or delete the row", row=n)
+            raise file_error(path, "empty prompt", "write the prompt text or delete the row", row=n)
         if not normalize_prompt(text):
-            raise _error(path, "empty prompt (only whitespace and invisible characters such as zero-width spaces)",
+            raise file_error(path, "empty prompt (only whitespace and invisible characters such as zero-width spaces)",
                          "write the prompt text or delete the row", row=n)
         label = (_row_string(path, row, "label", n, required=True) or "").strip().lower()
         if label not in LABELS:
-            raise _error(
+            raise file_error(
                 path,
-                f"label {_snippet(row.get('label'))} is not allowed",
+                f"label {snippet(row.get('label'))} is not allowed",
                 f"use one of: {', '.join(LABELS)}",
                 row=n,
             )
         category = (_row_string(path, row, "category", n, required=True) or "").strip()
         if not category:
-            raise _error(path, "empty category", "give the row a category such as 'cybercrime'", row=n)
+            raise file_error(path, "empty category", "give the row a category such as 'cybercrime'", row=n)
         _check_category(path, category, n)
         pair_id = (_row_string(path, row, "pair_id", n, required=False) or "").strip() or None
         pid = (_row_string(path, row, "id", n, required=False) or "").strip() or f"row-{n}"
         if pid in seen_ids:
-            raise _error(
+            raise file_error(
                 path,
-                f"duplicate id {_snippet(pid)} (first used in row {seen_ids[pid]})",
+                f"duplicate id {snippet(pid)} (first used in row {seen_ids[pid]})",
                 "give every row a unique id, or omit ids to get row-<n>",
                 row=n,
             )
@@ -627,17 +633,17 @@ def _build(path: Path, name: str, raw_rows: list[Any]) -> PromptSet:
         if pair_id is not None:
             members = pair_rows.setdefault(pair_id, [])
             if len(members) >= 2:
-                raise _error(
+                raise file_error(
                     path,
-                    f"pair_id {_snippet(pair_id)} has more than two rows (also rows {members[0][0]} and {members[1][0]})",
+                    f"pair_id {snippet(pair_id)} has more than two rows (also rows {members[0][0]} and {members[1][0]})",
                     "a pair is exactly one harmful and one harmless row; use a new pair_id",
                     row=n,
                 )
             for other_row, other_label in members:
                 if other_label == label:
-                    raise _error(
+                    raise file_error(
                         path,
-                        f"pair_id {_snippet(pair_id)} has two {label} rows (also row {other_row})",
+                        f"pair_id {snippet(pair_id)} has two {label} rows (also row {other_row})",
                         "a pair is one harmful and one harmless row; fix the label or the pair_id",
                         row=n,
                     )
@@ -662,27 +668,27 @@ def load_prompts(path: str | Path) -> PromptSet:
     p = Path(path)
     suffix = p.suffix.lower()
     if not p.exists():
-        raise _error(p, "file not found", "pass the path of an existing .json or .csv prompt file")
+        raise file_error(p, "file not found", "pass the path of an existing .json or .csv prompt file")
     if suffix not in (".json", ".csv"):
-        raise _error(
+        raise file_error(
             p, f"unsupported file type {suffix or '(no extension)'!r}", "use a .json or .csv prompt file"
         )
-    text = _read_text(p)
+    text = read_data_file(p)
     if suffix == ".json":
         name, raw_rows = _json_rows(p, text)
     else:
         name, raw_rows = None, _csv_rows(p, text)
-    return _build(p, name or p.stem, raw_rows)
+    return build_prompt_set(p, name or p.stem, raw_rows)
 
 
 def default_pairs() -> PromptSet:
     """The shipped matched harmful/harmless pairs (``data/refusal_pairs.json``)."""
-    return load_prompts(_data_dir() / "refusal_pairs.json")
+    return load_prompts(data_dir() / "refusal_pairs.json")
 
 
 def benign_alarming() -> PromptSet:
     """The shipped harmless prompts with alarming words (``data/benign_alarming.json``), for over-refusal."""
-    return load_prompts(_data_dir() / "benign_alarming.json")
+    return load_prompts(data_dir() / "benign_alarming.json")
 
 
 def refusal_markers(path: str | Path | None = None) -> tuple[str, ...]:
@@ -694,22 +700,22 @@ def refusal_markers(path: str | Path | None = None) -> tuple[str, ...]:
     Raises:
         PromptFileError: one line naming the file (and the 1-based marker row) and the fix.
     """
-    p = Path(path) if path is not None else _data_dir() / "refusal_markers.json"
-    text = _read_text(p)
+    p = Path(path) if path is not None else data_dir() / "refusal_markers.json"
+    text = read_data_file(p)
     data = _parse_json(p, text, f'write {{"schema": "{MARKERS_SCHEMA}", "markers": [...]}}')
     if not isinstance(data, dict) or data.get("schema") != MARKERS_SCHEMA:
-        got = _snippet(data.get("schema")) if isinstance(data, dict) else f"a {type(data).__name__}"
-        raise _error(p, f"wrong schema {got}", f'use an object with "schema": "{MARKERS_SCHEMA}"')
+        got = snippet(data.get("schema")) if isinstance(data, dict) else f"a {type(data).__name__}"
+        raise file_error(p, f"wrong schema {got}", f'use an object with "schema": "{MARKERS_SCHEMA}"')
     markers = data.get("markers")
     if not isinstance(markers, list) or not markers:
-        raise _error(
+        raise file_error(
             p, "'markers' is missing, empty or not a list", "give a non-empty list of refusal substrings"
         )
     seen: dict[str, int] = {}
     for n, marker in enumerate(markers, start=1):
         if not isinstance(marker, str) or not marker.strip():
-            raise _error(
-                p, f"marker {_snippet(marker)} is not a non-empty string", "remove it or fix it", row=n
+            raise file_error(
+                p, f"marker {snippet(marker)} is not a non-empty string", "remove it or fix it", row=n
             )
         normalized = (
             marker.lower()
@@ -719,16 +725,16 @@ def refusal_markers(path: str | Path | None = None) -> tuple[str, ...]:
             .replace("\u201d", '"')
         )
         if marker != normalized:
-            raise _error(
+            raise file_error(
                 p,
-                f"marker {_snippet(marker)} is not normalized",
-                f"write it as {_snippet(normalized)} (lowercase, straight quotes)",
+                f"marker {snippet(marker)} is not normalized",
+                f"write it as {snippet(normalized)} (lowercase, straight quotes)",
                 row=n,
             )
         if marker in seen:
-            raise _error(
+            raise file_error(
                 p,
-                f"duplicate marker {_snippet(marker)} (first in row {seen[marker]})",
+                f"duplicate marker {snippet(marker)} (first in row {seen[marker]})",
                 "remove the duplicate",
                 row=n,
             )

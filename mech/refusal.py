@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,7 +20,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mech.models import pad_left
+from mech.chat import pad_left
+from mech.prompts import refusal_markers
 
 REPORT_CHARS = 200  # reports never show more of a completion to a harmful prompt
 _QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201b": "'", "\u2032": "'", "\u201c": '"', "\u201d": '"'})
@@ -55,8 +55,6 @@ class SubstringDetector:
 
     def __post_init__(self) -> None:
         if not self.markers:
-            from mech.prompts import refusal_markers
-
             object.__setattr__(self, "markers", tuple(refusal_markers()))
         object.__setattr__(self, "markers", tuple(normalize(m) for m in self.markers))
 
@@ -82,8 +80,6 @@ def shortest_marker(tokenizer: Any, markers: Sequence[str] | None = None) -> tup
     substring detector (e.g. ``--max-new-tokens 1``), so a refusal count from it is no evidence. Tokenizer only:
     no forward."""
     if markers is None:
-        from mech.prompts import refusal_markers
-
         markers = refusal_markers()
     best: tuple[int, str] = (10**9, "")
     for m in markers:
@@ -388,16 +384,6 @@ def derive_refusal_tokens(
     return RefusalTokens(
         ids=tuple(ids), tokens=tuple(tok.convert_ids_to_tokens(i) for i in ids), counts=(0,) * len(ids), source="fallback"
     )
-
-
-def auroc(pos_scores: Sequence[float], neg_scores: Sequence[float]) -> float:
-    """AUROC from the Mann–Whitney U statistic (scipy): P(score of a positive > score of a negative)."""
-    from scipy.stats import mannwhitneyu
-
-    if len(pos_scores) == 0 or len(neg_scores) == 0:
-        return math.nan
-    u = mannwhitneyu(pos_scores, neg_scores, alternative="two-sided").statistic
-    return float(u) / (len(pos_scores) * len(neg_scores))
 
 
 def measure(

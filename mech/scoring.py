@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
+from mech.ablation import ablate
 from mech.refusal import refusal_log_odds
 
 if TYPE_CHECKING:
@@ -48,8 +49,6 @@ def shared_prefix_len(seqs: Sequence[Sequence[int]], min_rest: int) -> int:
 def ablation_intervention(lm: LoadedModel, components: Sequence[Component | str], method: AblationMethod,
                           means: MeanActivations | None = None, mode: MeanMode = "end_aligned") -> Intervention:
     """:func:`mech.ablation.ablate` as an intervention: on the shared prefix the position-independent mean."""
-    from mech.ablation import ablate
-
     def make(phase: Phase) -> AbstractContextManager[Any]:
         return ablate(lm, components, method, means, "averaged" if phase == "prefix" else mode)
 

@@ -68,7 +68,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mech.ablation import _unit_masks
+from mech.ablation import unit_masks
 from mech.components import Component, as_component, check_component
 from mech.evaluation import first_token_kl
 from mech.hooks import HookFn, HookPoint, hook_name
@@ -315,7 +315,7 @@ def ablation_set_scores(
 
     seqs = lm.encode_chat(list(prompts))
     first = [min((c.layer for c in s), default=n_layers) for s in comp_sets]
-    masks = [_unit_masks(lm, s) for s in comp_sets]  # per set: {hook name: bool [*feat]}
+    masks = [unit_masks(lm, s) for s in comp_sets]  # per set: {hook name: bool [*feat]}
 
     # 1. the clean run: prefix row (its K/V and residuals) and every prompt's rest (residuals, clean scores)
     clean = torch.empty(len(seqs))

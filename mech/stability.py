@@ -33,6 +33,10 @@ from collections.abc import Callable, Hashable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
+import torch
+
+from mech.directions import DiffInMeans, select_direction
+from mech.hooks import hook_name, run_with_cache
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -128,9 +132,7 @@ def resid_at(lm: LoadedModel, prompts: Sequence[str], layers: Sequence[int], pos
     """Per prompt, ``blocks.L.hook_resid_pre`` at ``layers`` and end-aligned ``positions``: ``[n, len(layers),
     len(positions), d_model]`` float64 on the CPU (the forward stops after the last layer). Its mean over prompts is
     one side of :func:`mech.directions.diff_in_means`."""
-    import torch
 
-    from mech.hooks import hook_name, run_with_cache
 
     if not prompts:
         raise ValueError("resid_at needs at least one prompt")
@@ -158,9 +160,7 @@ def reselect_direction(lm: LoadedModel, train_harmful: Sequence[str], train_harm
     selected ``layer``, ``pos``, whether it ``passed_filters`` and, ``with_direction``, its unit ``direction``
     (float64 tensor). ``select_kw`` go to :func:`mech.directions.select_direction` (its thresholds), which scores
     ``layers`` x ``positions``."""
-    import torch
 
-    from mech.directions import DiffInMeans, select_direction
 
     groups = [list(train_harmful), list(train_harmless), list(val_harmful), list(val_harmless)]
     if not all(groups):

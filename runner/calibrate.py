@@ -76,6 +76,7 @@ from typing import Any
 from fixtures.config import config_hash
 from fixtures.report import VERDICTS
 from mech.cache import atomic_write_text
+from mech.registry import DEFAULT_MODEL, REGISTRY, default_cache_dir, prepare
 from runner.replicate.gather import gather
 from runner.replicate.memory import memory_plan
 from runner.replicate.page import CSS, fmt
@@ -163,7 +164,6 @@ def random_init_copy(model: str, cache_dir: Path, seed: int = 0) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from mech.models import REGISTRY, prepare
 
     src = Path(model).expanduser()
     if model in REGISTRY:
@@ -492,7 +492,6 @@ def calibrate(model: str, prompts: str = DEFAULT_PROMPTS, shuffles: int = DEFAUL
               progress: bool = True, command: Sequence[str] = ()) -> dict[str, Any] | None:
     """Run (or resume) the calibration and write its report; returns what ``calibration.json`` holds (None with
     ``plan_only``). Raises :class:`CalibrationError` (one line) for bad input, before any run."""
-    from mech.models import default_cache_dir
 
     t0 = time.monotonic()
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
@@ -549,7 +548,6 @@ def calibrate(model: str, prompts: str = DEFAULT_PROMPTS, shuffles: int = DEFAUL
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m runner calibrate", description=__doc__.split("\n\n")[0])
-    from mech.models import DEFAULT_MODEL
 
     ap.add_argument("--model", default=DEFAULT_MODEL, help="the model calibrated (its real run and label shuffles)")
     ap.add_argument("--prompts", default=DEFAULT_PROMPTS, help="prompt file (JSON/CSV) or 'pairs' (the project's)")

@@ -1,4 +1,4 @@
-"""Attribution patching (mech.attribution): the window-only gradient pass equals textbook per-pair AtP, AtP
+"""Attribution patching (mech.patching.attribution): the window-only gradient pass equals textbook per-pair AtP, AtP
 tracks exact patching where it should, verify_against_exact reports what it claims, hooks are cleaned up."""
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ import pytest
 import torch
 from scipy.stats import pearsonr, spearmanr
 
-from mech.attribution import Verification, attribution_patching, attribution_sweep, verify_against_exact
 from mech.models import LoadedModel
 from mech.patching import (
     NOISE,
@@ -21,6 +20,12 @@ from mech.patching import (
     neuron_patches,
     neuron_sweep,
     patch_sweep,
+)
+from mech.patching.attribution import (
+    Verification,
+    attribution_patching,
+    attribution_sweep,
+    verify_against_exact,
 )
 
 PAIRS = [

@@ -185,8 +185,8 @@ BAD_PAIRS = [
                               "dict_key", "empty", "none"])
 @pytest.mark.parametrize("sweep", ["patch_sweep", "attribution_sweep"])
 def test_malformed_pairs_are_refused_at_the_call(tiny_qwen2: LoadedModel, pairs, fragment: str, sweep: str) -> None:
-    from mech.attribution import attribution_sweep
     from mech.patching import Patch, PatchingError, Site, patch_sweep
+    from mech.patching.attribution import attribution_sweep
 
     fn = {"patch_sweep": patch_sweep, "attribution_sweep": attribution_sweep}[sweep]
     with _untouched(tiny_qwen2), pytest.raises(PatchingError) as ei:
@@ -219,8 +219,8 @@ def test_prompt_pairs_the_wrong_way_round_are_refused(tiny_qwen2: LoadedModel) -
 )
 @pytest.mark.parametrize("sweep", ["patch_sweep", "attribution_sweep"])
 def test_metric_of_the_wrong_shape_is_one_line_before_any_forward(tiny_qwen2, metric, fragment, sweep) -> None:
-    from mech.attribution import attribution_sweep
     from mech.patching import Patch, PatchingError, Site, patch_sweep
+    from mech.patching.attribution import attribution_sweep
 
     fn = {"patch_sweep": patch_sweep, "attribution_sweep": attribution_sweep}[sweep]
     with _untouched(tiny_qwen2), pytest.raises(PatchingError) as ei:
@@ -298,7 +298,7 @@ VECTOR_IDS = ["too_long", "too_short", "two_rows", "3d", "nan", "inf", "string"]
 @pytest.mark.parametrize("intervention", ["activation_addition", "directional_ablation", "orthogonalized_weights"])
 def test_wrong_width_or_non_finite_vectors_are_refused(tiny_qwen2: LoadedModel, case: int, intervention: str) -> None:
     from mech import directions
-    from mech.directions import DirectionError
+    from mech.vectors import DirectionError
 
     lm = tiny_qwen2
     vector, fragment = _bad_vectors(lm.shape.d_model)[case]
@@ -324,7 +324,8 @@ def test_wrong_width_or_non_finite_vectors_are_refused(tiny_qwen2: LoadedModel, 
     ids=["layer_high", "layer_negative", "layer_float", "coeff_nan"],
 )
 def test_activation_addition_checks_layer_and_coeff(tiny_qwen2: LoadedModel, kwargs, fragment: str) -> None:
-    from mech.directions import DirectionError, activation_addition
+    from mech.directions import activation_addition
+    from mech.vectors import DirectionError
 
     with _untouched(tiny_qwen2), pytest.raises(DirectionError) as ei:
         with activation_addition(tiny_qwen2, torch.ones(tiny_qwen2.shape.d_model), **kwargs):
@@ -333,7 +334,8 @@ def test_activation_addition_checks_layer_and_coeff(tiny_qwen2: LoadedModel, kwa
 
 
 def test_zero_direction_and_good_shapes(tiny_qwen2: LoadedModel) -> None:
-    from mech.directions import DirectionError, activation_addition, directional_ablation
+    from mech.directions import activation_addition, directional_ablation
+    from mech.vectors import DirectionError
 
     d = tiny_qwen2.shape.d_model
     with pytest.raises(DirectionError, match="finite non-zero"), directional_ablation(tiny_qwen2, torch.zeros(d)):
@@ -438,7 +440,7 @@ def test_killed_preparation_leaves_no_temporary_files_on_the_next_run(tmp_path: 
 
     spec = models.ModelSpec("tiny-chunked", "tiny.gguf", hashlib.sha256(data).hexdigest(), len(data),
                             ("d1", "d2"), ("m1", "m2"), "pip install tiny")
-    monkeypatch.setattr(models, "_dist_file", lambda d, m: chunks[int(d[1:]) - 1])
+    monkeypatch.setattr(models, "dist_file", lambda d, m: chunks[int(d[1:]) - 1])
     cache = tmp_path / "cache"
     (cache / "gguf").mkdir(parents=True)
     (cache / "models").mkdir()
@@ -468,7 +470,7 @@ def test_prepared_model_is_found_without_a_lock_in_a_read_only_cache(tmp_path, m
     import mech.models as models
     import mech.registry as registry
 
-    spec = models.REGISTRY[models.DEFAULT_MODEL]
+    spec = registry.REGISTRY[registry.DEFAULT_MODEL]
     final = tmp_path / "models" / f"{spec.name}-fp32"
     final.mkdir(parents=True)
     (final / "model.safetensors").write_bytes(b"")
@@ -479,7 +481,7 @@ def test_prepared_model_is_found_without_a_lock_in_a_read_only_cache(tmp_path, m
         raise AssertionError("a prepared model took the preparation lock")
 
     monkeypatch.setattr(registry, "_prepare_lock", no_lock)
-    assert models.prepare(spec.name, tmp_path) == final
+    assert registry.prepare(spec.name, tmp_path) == final
     models.check_model_source(spec.name, tmp_path)
     assert _files(tmp_path) == before
 
@@ -490,7 +492,7 @@ def test_unwritable_cache_for_an_unprepared_model_is_one_line(tmp_path: Path, mo
     blocker = tmp_path / "cache"
     blocker.write_text("a file where the cache dir should be")
     spec = models.ModelSpec("ghost", "ghost.gguf", "0" * 64, 3, ("d1", "d2"), ("m1", "m2"), "pip install ghost")
-    monkeypatch.setattr(models, "_dist_file", lambda d, m: blocker)
+    monkeypatch.setattr(models, "dist_file", lambda d, m: blocker)
     with pytest.raises(models.ModelError) as ei:
         models.assemble_gguf(spec, blocker / "sub")
     assert "cannot prepare ghost.gguf in the cache dir" in _one_line(ei.value) and "--cache-dir" in str(ei.value)
@@ -500,13 +502,14 @@ def test_hub_id_offline_fails_at_once(tmp_path: Path, monkeypatch: pytest.Monkey
     import time
 
     import mech.models as models
+    import mech.registry as registry
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     t0 = time.perf_counter()
     for call in (lambda: models.load_model("no-such-owner/no-such-model", cache_dir=tmp_path),
                  lambda: models.check_model_source("no-such-owner/no-such-model", tmp_path),
                  lambda: models.n_layers_of("no-such-owner/no-such-model", tmp_path)):
-        with pytest.raises(models.ModelError) as ei:
+        with pytest.raises(registry.ModelError) as ei:
             call()
         msg = _one_line(ei.value)
         assert "not in the local Hugging Face cache and HF_HUB_OFFLINE is set" in msg
@@ -519,13 +522,14 @@ def test_hub_id_unreachable_fails_within_seconds(tmp_path: Path, monkeypatch: py
     import time
 
     import mech.models as models
+    import mech.registry as registry
 
     for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(v, raising=False)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_dead_port()}")
     t0 = time.perf_counter()
-    with pytest.raises(models.ModelError) as ei:
+    with pytest.raises(registry.ModelError) as ei:
         models.load_model("no-such-owner/no-such-model", cache_dir=tmp_path)
     msg = _one_line(ei.value)
     assert "not in the local Hugging Face cache and the hub could not be reached (127.0.0.1:" in msg

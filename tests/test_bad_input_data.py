@@ -190,8 +190,8 @@ def test_4bit_on_cpu_marks_attribution_claims_not_tested_before_the_model_loads(
 def test_4bit_cpu_kernel_really_has_no_gradient(tmp_path: Path) -> None:
     """The reason is real: attribution patching through bitsandbytes' 4-bit CPU kernel fails (tiny model)."""
     pytest.importorskip("bitsandbytes")
-    from mech.attribution import attribution_patching
     from mech.models import load_model
+    from mech.patching.attribution import attribution_patching
 
     tiny = build_tiny_model("qwen2", seed=0)
     tiny.model.save_pretrained(tmp_path / "m")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.config import RULES, ConfigError, SuiteConfig, _rule, parse_set
+from fixtures.config import RULES, ConfigError, SuiteConfig, parse_set, rule_for
 from fixtures.tiny_models import build_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,13 +75,13 @@ def test_every_numeric_field_has_a_rule_or_a_kind_rule() -> None:
     assert set(RULES) <= names
     for name in names:
         default = getattr(d, name)
-        rule = _rule(name, default)
+        rule = rule_for(name, default)
         if isinstance(default, int) and not isinstance(default, bool) and name.startswith("n_"):
             # a count is at least 1, unless its rule says why 0 means something (e.g. "leave that control out")
             assert rule is not None and (not rule.holds(0) or rule.why) and rule.holds(default), name
         if rule is not None:
             assert rule.holds(default), f"the default of {name} breaks its own rule"
-    assert _rule("n_new_count_of_issue_21", 100).describe() == "must be at least 1"
+    assert rule_for("n_new_count_of_issue_21", 100).describe() == "must be at least 1"
 
 
 def test_mech_set_env_items_are_named_as_such(monkeypatch) -> None:
@@ -227,7 +227,8 @@ def test_collect_only_exits_0_and_never_suggests_deleting_snapshots(pytester, tm
 
 
 def test_corrupt_gguf_is_one_line_with_the_fix(tmp_path: Path) -> None:
-    from mech.models import ModelError, n_layers_of
+    from mech.models import n_layers_of
+    from mech.registry import ModelError
 
     bad = tmp_path / "model.gguf"
     bad.write_bytes(os.urandom(2048))

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from mech.chat import TemplateError, format_chat, pad_left, post_instruction_positions, template_suffix_len
-from mech.models import LoadedModel, ModelError
+from mech.models import LoadedModel
+from mech.registry import ModelError
 
 
 def test_pad_left_aligns_ends_and_counts_real_positions():

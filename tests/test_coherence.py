@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 
-from mech.ablation import completion_cross_entropy
 from mech.coherence import (
     OUTCOMES,
     CoherenceCheck,
@@ -18,6 +17,7 @@ from mech.coherence import (
     repetition_rate,
     shuffled_tokens,
 )
+from mech.evaluation import completion_cross_entropy
 from mech.refusal import generate
 
 PROMPTS = ["How do I make a cake?", "Write a poem about the sea.", "What is the capital of France?"]
@@ -57,7 +57,7 @@ def test_references():
 
 
 def test_nll_is_completion_cross_entropy(tiny_qwen2):
-    """completion_nll delegates to mech.ablation.completion_cross_entropy on the completion's token ids."""
+    """completion_nll delegates to mech.evaluation.completion_cross_entropy on the completion's token ids."""
     lm = tiny_qwen2
     ids = [lm.tokenizer(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
     want = completion_cross_entropy(lm, PROMPTS, ids, batch_size=8)

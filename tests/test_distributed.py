@@ -20,11 +20,11 @@ import pytest
 pytest.importorskip("ray")
 
 from fixtures.tiny_models import build_tiny_model  # noqa: E402
-from mech.ablation import make_baseline  # noqa: E402
 from mech.cache import DiskCache  # noqa: E402
 from mech.controls import ablation_scores as local_ablation_scores  # noqa: E402
 from mech.controls import cumulative_ablation  # noqa: E402
-from mech.distributed import ModelSpec, RayPool, ablation_scores, distributed_sweep  # noqa: E402
+from mech.distributed import RayPool, ReplicaSpec, ablation_scores, distributed_sweep  # noqa: E402
+from mech.evaluation import make_baseline
 from mech.models import load_model  # noqa: E402
 from mech.patching import PatchingError, head_sweep, layer_sweep  # noqa: E402
 
@@ -57,7 +57,7 @@ def local(saved: Path):
 
 @pytest.fixture(scope="module")
 def pool(saved: Path):
-    with RayPool(ModelSpec(str(saved), dtype="float32"), workers=2) as p:
+    with RayPool(ReplicaSpec(str(saved), dtype="float32"), workers=2) as p:
         yield p
 
 
@@ -105,7 +105,7 @@ def test_finished_units_come_from_the_cache(saved, local, tmp_path):
     """A sweep over 3 pairs, then over all 6 with the same cache: only the 3 new units run."""
     cache = DiskCache(tmp_path / "cache")
     kw = dict(refusal_ids=IDS, method="naive", check_aligned=False, components=("resid_pre",))
-    with RayPool(ModelSpec(str(saved), dtype="float32"), workers=2, cache=cache) as p:
+    with RayPool(ReplicaSpec(str(saved), dtype="float32"), workers=2, cache=cache) as p:
         distributed_sweep(p, "layer_sweep", PAIRS[:3], **kw)
         assert (p.stats.computed, p.stats.cached) == (3, 0)
         got = distributed_sweep(p, "layer_sweep", PAIRS, **kw)
@@ -142,15 +142,15 @@ def test_an_error_in_the_work_surfaces_unretried(pool):
 @pytest.mark.realmodel
 def test_default_model_sweep_over_two_workers(lm, refusal_tokens, run_config):
     """The embedded default model: resid_pre patching on 2 pairs over 2 Ray workers equals one process."""
-    from mech.models import DEFAULT_MODEL
     from mech.prompts import default_pairs
+    from mech.registry import DEFAULT_MODEL
 
     if lm.name != DEFAULT_MODEL:
         pytest.skip("runs on the embedded default model")
     pairs = [(h.prompt, s.prompt) for h, s in default_pairs().pairs()[:2]]
     kw = dict(refusal_ids=list(refusal_tokens.ids), components=("resid_pre",), direction="harmful_to_harmless")
     want = layer_sweep(lm, pairs, **kw)
-    with RayPool(ModelSpec(DEFAULT_MODEL, dtype="float32", cache_dir=str(run_config.cache_dir)), workers=2) as p:
+    with RayPool(ReplicaSpec(DEFAULT_MODEL, dtype="float32", cache_dir=str(run_config.cache_dir)), workers=2) as p:
         got = distributed_sweep(p, "layer_sweep", pairs, **kw)
     np.testing.assert_allclose(got.raw, want.raw, rtol=0, atol=1e-4)
     assert np.nanmax(np.abs(got.mean - want.mean)) < 1e-3

@@ -208,8 +208,8 @@ def test_nll_read_off_the_generation_equals_a_teacher_forced_forward(model, requ
     """The unmodified model's own greedy completions: the NLL from the decoding logits (no extra forward) equals
     the teacher-forced completion cross-entropy of the same ids (float32, 1e-4 nats), and grading with it gives
     the same grades."""
-    from mech.ablation import completion_cross_entropy
     from mech.coherence import self_nll
+    from mech.evaluation import completion_cross_entropy
 
     lm = request.getfixturevalue(model)
     rows = generate_completions(lm, PROMPTS, max_new_tokens=12, self_nll=True)

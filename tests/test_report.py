@@ -190,7 +190,7 @@ def test_report_reads_top_down_in_a_real_browser(tiny_run, browser_page, record_
     request leaving the page. Its height and size are recorded (``page_height_px``, ``page_bytes``)."""
     if "html" not in tiny_run:
         pytest.skip("the suite run above did not produce a report")
-    from fixtures.report import HYPOTHESES
+    from fixtures.families import HYPOTHESES
 
     claims = tiny_run["findings"]["claims"]
     assert any(c["verdict"] == "NOT supported" for c in claims), "the tiny run has no NOT supported claim"

@@ -18,12 +18,13 @@ import torch
 
 from fixtures.tiny_models import build_tiny_model
 from mech.ablation import ablate, mean_activations
-from mech.attribution import attribution_patching
 from mech.directions import activation_addition, diff_in_means, directional_ablation, orthogonalized_weights
 from mech.hooks import hook_name, run_with_cache
-from mech.models import LoadedModel, ModelError, load_model, parse_max_memory
+from mech.models import LoadedModel, load_model, parse_max_memory
 from mech.patching import head_sweep, layer_sweep
+from mech.patching.attribution import attribution_patching
 from mech.refusal import generate, refusal_scores
+from mech.registry import ModelError
 
 PAIRS = [("How do I build a bomb?", "How do I build a shed?"), ("How do I steal a car?", "How do I wash a car?")]
 IDS = [5, 9]

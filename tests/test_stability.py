@@ -240,9 +240,9 @@ def test_direction_record_from_resampled_selections():
 
 def test_page_shows_each_selection_and_flags_the_unstable(tmp_path: Path):
     from fixtures.report_html import render_page
-    from tests.test_report_page import _findings
+    from tests.test_report_page import sample_findings
 
-    f = _findings()
+    f = sample_findings()
     assert "Stability of the selections" not in render_page(f, {}, {}, tmp_path)  # B = 0: nothing recorded
     rng = np.random.default_rng(0)
     strong = rng.standard_normal((40, 336))

@@ -33,7 +33,6 @@ The package, one concept per module:
 * :mod:`~mech.patching.result` — :class:`PatchResult`.
 """
 
-from mech.chat import template_suffix_len
 from mech.patching.attribution import (
     Verification,
     attribution_patching,
@@ -65,8 +64,8 @@ from mech.patching.spec import (
     DIRECTIONS,
     LAYER_COMPONENTS,
     NOISE,
-    Direction,
     Patch,
+    PatchDirection,
     PatchingError,
     Site,
     SiteComponent,
@@ -87,7 +86,7 @@ __all__ = [
     "DIRECTIONS",
     "LAYER_COMPONENTS",
     "NOISE",
-    "Direction",
+    "PatchDirection",
     "Engine",
     "Method",
     "Metric",
@@ -125,7 +124,6 @@ __all__ = [
     "reference_runs",
     "register_component",
     "sweep_positions",
-    "template_suffix_len",
     "unit_patches",
     "verify_against_exact",
 ]

@@ -20,8 +20,8 @@ from mech.chat import TemplateError, template_suffix_len
 from mech.patching.result import PatchResult
 from mech.patching.spec import (
     DENOISE,
-    Direction,
     Patch,
+    PatchDirection,
     PatchingError,
     Site,
     end_positions,
@@ -185,7 +185,7 @@ def _unique(seqs: list[list[int]]) -> tuple[list[list[int]], list[int]]:
 
 
 def make_plan(
-    lm: LoadedModel, pairs: list[tuple[str, str]], patches: Sequence[Patch], direction: Direction, system: str | None,
+    lm: LoadedModel, pairs: list[tuple[str, str]], patches: Sequence[Patch], direction: PatchDirection, system: str | None,
     check_aligned: bool,
 ) -> Plan:
     """Tokenize the pairs once and resolve every patch's sites to end-aligned positions per pair (checked:
@@ -259,7 +259,7 @@ def sweep_positions(lm: LoadedModel, positions: Sequence[int] | None, system: st
 class PreparedSweep:
     """A sweep's checked arguments and its :class:`Plan` (what :func:`prepare_sweep` returns)."""
 
-    direction: Direction
+    direction: PatchDirection
     pairs: list[tuple[str, str]]
     patches: list[Patch]
     metric: Metric

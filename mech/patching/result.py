@@ -11,7 +11,7 @@ from typing import Any, Literal
 import numpy as np
 from torch import Tensor
 
-from mech.patching.spec import COMPONENT_REGISTRY, Direction, Patch
+from mech.patching.spec import COMPONENT_REGISTRY, Patch, PatchDirection
 from mech.stats import jsonable
 
 _NAN_EPS = 1e-6  # |source - clean| below this: the normalized effect is undefined (NaN)
@@ -35,7 +35,7 @@ class PatchResult:
 
     kind: str  # "layer" | "head" | "neuron" | "custom" | "atp" (a unit kind's label key for unit sweeps)
     method: Literal["fast", "naive", "atp"]
-    direction: Direction
+    direction: PatchDirection
     patches: list[Patch]
     raw: np.ndarray  # [n_pairs, n_patches]
     clean: np.ndarray  # [n_pairs]

@@ -19,11 +19,11 @@ if TYPE_CHECKING:
     from mech.models import ModelShape
 
 
-Direction = Literal["harmful_to_harmless", "harmless_to_harmful"]
-DENOISE: Direction = "harmful_to_harmless"
-NOISE: Direction = "harmless_to_harmful"
-DIRECTIONS: tuple[Direction, Direction] = (DENOISE, NOISE)
-_DIRECTION_ALIASES: dict[str, Direction] = {
+PatchDirection = Literal["harmful_to_harmless", "harmless_to_harmful"]
+DENOISE: PatchDirection = "harmful_to_harmless"
+NOISE: PatchDirection = "harmless_to_harmful"
+DIRECTIONS: tuple[PatchDirection, PatchDirection] = (DENOISE, NOISE)
+_DIRECTION_ALIASES: dict[str, PatchDirection] = {
     DENOISE: DENOISE,
     "denoise": DENOISE,
     "harmful->harmless": DENOISE,
@@ -38,7 +38,7 @@ class PatchingError(ValueError):
     """Bad patching input (layer, position, pair alignment, model); the message is one line saying the fix."""
 
 
-def normalize_direction(direction: str) -> Direction:
+def normalize_direction(direction: str) -> PatchDirection:
     if direction not in _DIRECTION_ALIASES:
         raise PatchingError(f"unknown direction {direction!r}; use {DENOISE} (denoise) or {NOISE} (noise)")
     return _DIRECTION_ALIASES[direction]

@@ -20,8 +20,8 @@ from typing import Any
 
 from mech.cache import atomic_write_text
 from mech.heldout import heldout_identity, is_heldout
-from mech.models import prepare, registry_missing_wheels
-from mech.registry import REGISTRY, ModelError
+from mech.models import registry_missing_wheels
+from mech.registry import REGISTRY, ModelError, prepare
 from runner.replicate.specs import DEFAULT_PROMPTS, EVAL_PREFIX, ROOT, ReplicationError, RunSpec
 
 log = logging.getLogger(__name__)
