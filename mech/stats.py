@@ -178,7 +178,7 @@ class PermutationResult(_Dict):
 
 
 def permutation_pvalue(
-    observed: float, null: Sequence[float], alternative: Literal["greater", "less", "two-sided"] = "greater"
+    observed: float, null: Sequence[float] | np.ndarray, alternative: Literal["greater", "less", "two-sided"] = "greater"
 ) -> PermutationResult:
     """Monte-Carlo p-value of ``observed`` against ``null`` with the +1 correction (never 0).
 
@@ -321,7 +321,7 @@ def auroc_ci(pos_scores: Sequence[float], neg_scores: Sequence[float], confidenc
 
 
 def bootstrap_ci(
-    samples: Sequence[Sequence[float]] | Sequence[float],
+    samples: Sequence[Sequence[float]] | Sequence[float] | Sequence[np.ndarray] | np.ndarray,
     statistic: Any = None,
     confidence: float = 0.95,
     n_resamples: int = 2000,

@@ -74,7 +74,7 @@ from pathlib import Path
 from typing import Any
 
 from fixtures.config import config_hash
-from fixtures.report import VERDICTS
+from fixtures.verdicts import VERDICTS
 from mech.cache import atomic_write_text
 from mech.registry import DEFAULT_MODEL, REGISTRY, default_cache_dir, prepare
 from runner.replicate.gather import gather

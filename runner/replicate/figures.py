@@ -7,8 +7,8 @@ from typing import Any
 
 import plotly.graph_objects as go
 
-from fixtures.report import VERDICTS
 from fixtures.report_html import COLOR
+from fixtures.verdicts import VERDICTS
 from runner.replicate.specs import RunSpec
 
 

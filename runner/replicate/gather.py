@@ -7,14 +7,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from fixtures.report import HYPOTHESES
+from fixtures.families import FAMILY_LABELS, LABEL_OF_MODULE
 from fixtures.report_html import claim_anchor
 from runner.replicate.run import RunResult
 
-# the hypothesis labels in the order of the argument (baseline, H1 ... H4), and the file of each family
-# (hypotheses/test_<marker>.py), both from the suite's own declaration of its families
-HYPOTHESIS_ORDER = tuple(label for label, _title in HYPOTHESES.values())
-_FAMILY_FILE = {f"test_{marker}.py": label for marker, (label, _title) in HYPOTHESES.items()}
+# the hypothesis labels in the order of the argument (baseline, H1 ... H4), from the suite's own declaration
+HYPOTHESIS_ORDER = FAMILY_LABELS
 CELL_FIELDS = ("verdict", "effect", "ci", "n", "statistic", "p_value", "p_adjusted", "threshold", "mde", "test",
                "null", "message")
 
@@ -27,7 +25,7 @@ def claim_key(nodeid: str) -> str:
 def hypothesis_of(key: str) -> str:
     """The hypothesis label of a claim key, from its file (``test_single_direction.py`` -> ``H4``)."""
     fam = key.split("::")[0]
-    return _FAMILY_FILE.get(fam, fam)
+    return LABEL_OF_MODULE.get(fam, fam)
 
 
 def _rows(results: Sequence[RunResult], collected: Sequence[str], primary_only: bool) -> list[dict[str, Any]]:
