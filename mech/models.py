@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import torch
 
-from mech.architectures import architecture
+from mech.architectures import ArchitectureError, architecture
 from mech.chat import format_chat, pad_left
 from mech.precision import PrecisionError, choose_precision
 
@@ -379,6 +379,9 @@ def load_model(
     try:
         tokenizer = AutoTokenizer.from_pretrained(src, **kw)
         model: Any = AutoModelForCausalLM.from_pretrained(src, **load_kw)
+        architecture(model.config.model_type)  # a model type without an Architecture entry: one line, here
+    except ArchitectureError as e:
+        raise ModelError(f"{display}: {e}") from None
     except ModelError:
         raise
     except Exception as e:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
+import transformers
 
-from fixtures.tiny_models import TINY_ARCHS, build_tiny_model
+from fixtures.tiny_models import TINY_ARCHS, build_tiny_model, build_tokenizer
 from mech.architectures import (
     ARCHITECTURES,
     Architecture,
@@ -19,7 +21,7 @@ from mech.architectures import (
     unregister_architecture,
 )
 from mech.hooks import HookError, all_hook_names, decoder_layers, resolve
-from mech.models import ModelShape
+from mech.models import ModelError, ModelShape, load_model
 
 
 def test_every_tiny_model_is_named_by_its_entry():
@@ -73,3 +75,16 @@ def test_registration_is_checked_and_undone():
     assert "my_llama" not in ARCHITECTURES
     with pytest.raises(ArchitectureError, match="not registered"):
         unregister_architecture("my_llama")
+
+
+def test_loading_an_unregistered_model_type_is_one_line(tmp_path):
+    """A real HF family without an entry (Phi-3, saved locally) stops at load with a ModelError naming the
+    supported types, not at the first hook."""
+    tok = build_tokenizer("chatml")
+    cfg = transformers.Phi3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=1, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    transformers.Phi3ForCausalLM(cfg).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    with pytest.raises(ModelError, match=r"unsupported model_type 'phi3'; supported: gemma, llama, mistral, qwen2"):
+        load_model(str(tmp_path), device="cpu", dtype="float32", cache_dir=tmp_path / "cache")
