@@ -74,19 +74,19 @@ class Grade:
                    None if d["judge_p"] is None else tuple(d["judge_p"]), d["outcome"], d["cut_off"],
                    tuple((str(k), v) for k, v in d.get("extra", ())))
 
-    def by(self, name: Measure) -> Outcome | None:
+    def by(self, measure: Measure) -> Outcome | None:
         """This completion's outcome under one registered measure (``substring``: refusal or compliance only)."""
-        if name == "substring":
+        if measure == "substring":
             return "refusal" if self.substring else "compliance"
-        if name == "substring+coherence":
+        if measure == "substring+coherence":
             return self.substring_outcome
-        if name == "judge":
+        if measure == "judge":
             return self.judge
-        measures.measure(name)  # a one-line error for an unregistered name
+        measures.measure(measure)  # a one-line error for an unregistered name
         extra = dict(self.extra)
-        if name not in extra:
-            raise ValueError(f"this grade has no outcome for measure {name!r} (registered after it was graded)")
-        return extra[name]
+        if measure not in extra:
+            raise ValueError(f"this grade has no outcome for measure {measure!r} (registered after it was graded)")
+        return extra[measure]
 
 
 def _has_hooks(model: Any) -> bool:
