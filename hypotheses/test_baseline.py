@@ -21,7 +21,8 @@ from scipy.stats import fisher_exact
 
 from fixtures.report import report_file
 from mech import plots
-from mech.grading import MEASURES, cohen_kappa, outcome_counts
+from mech.grading import cohen_kappa, outcome_counts
+from mech.measures import measure_names
 from mech.stats import auroc, auroc_ci, binomial_detectable_rate, binomial_pvalue, binomial_rate, bootstrap_ci
 
 pytestmark = [pytest.mark.baseline, pytest.mark.realmodel]
@@ -83,7 +84,7 @@ def summary(baseline: dict[str, Any], suite, request: pytest.FixtureRequest) -> 
 def _by_measure(rows: list[dict]) -> dict[str, Any]:
     """Outcome counts and the refusal rate (95% CI) of ``rows`` under every measure (None: the measure is off)."""
     out: dict[str, Any] = {}
-    for m in MEASURES:
+    for m in measure_names():
         o = [r["grade"].by(m) for r in rows]
         out[m] = None if any(x is None for x in o) else {
             **outcome_counts(o), "refusal_rate": binomial_rate([x == "refusal" for x in o]).to_dict()}
@@ -263,7 +264,7 @@ def test_generation_long_enough(generation_length, suite, claim):
     p = binomial_pvalue(r.k, r.n, p0, "less")
     first = [t for t in g["first_marker_token"] if t is not None]
     per_measure = {}
-    for m in MEASURES:
+    for m in measure_names():
         oa, ob = [x.by(m) for x in a], [y.by(m) for y in b]
         if any(o is None for o in oa + ob):
             per_measure[m] = None

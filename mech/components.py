@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mech.architectures import architecture_of
 from mech.hooks import decoder_layers, hook_name
 
 if TYPE_CHECKING:
@@ -139,10 +140,6 @@ def _numel(p: Tensor) -> int:
     return int(p.numel())
 
 
-_HEAD_PARAMS = re.compile(r"\.self_attn\.(q_proj|k_proj|v_proj)\.(weight|bias)$|\.self_attn\.o_proj\.weight$")
-_NEURON_PARAMS = re.compile(r"\.mlp\.(gate_proj|up_proj)\.(weight|bias)$|\.mlp\.down_proj\.weight$")
-
-
 def param_breakdown(lm: LoadedModel) -> dict[str, int]:
     """Parameter counts by owner; the values other than ``total`` sum to ``total`` (unique parameters).
 
@@ -151,19 +148,21 @@ def param_breakdown(lm: LoadedModel) -> dict[str, int]:
     ``lm_head`` (0 when tied to the embeddings), ``other``, ``total``.
     """
     out = dict.fromkeys(("heads", "attn_other", "neurons", "mlp_other", "norms", "embeddings", "lm_head", "other"), 0)
+    arch = architecture_of(lm.model)
+    head_params, neuron_params = arch.head_params(), arch.neuron_params()
     for name, p in lm.model.named_parameters():  # remove_duplicate=True: a tied lm_head is counted once
         n = _numel(p)
-        if _HEAD_PARAMS.search(name):
+        if head_params.search(name):
             out["heads"] += n
-        elif ".self_attn." in name:
+        elif f".{arch.attn}." in name:
             out["attn_other"] += n
-        elif _NEURON_PARAMS.search(name):
+        elif neuron_params.search(name):
             out["neurons"] += n
-        elif ".mlp." in name:
+        elif f".{arch.mlp}." in name:
             out["mlp_other"] += n
-        elif "embed_tokens" in name:
+        elif arch.embed in name:
             out["embeddings"] += n
-        elif name.startswith("lm_head"):
+        elif name.startswith(arch.unembed):
             out["lm_head"] += n
         elif "norm" in name:
             out["norms"] += n
@@ -181,14 +180,15 @@ def component_param_count(lm: LoadedModel, component: Component | str) -> float:
     """Parameters owned by one component (fractional for heads: the shared K/V share; see module doc)."""
     c = as_component(component)
     check_component(lm, c)
-    block: Any = decoder_layers(lm.model)[c.layer]  # a decoder layer: self_attn, mlp
+    arch = architecture_of(lm.model)
+    block: Any = decoder_layers(lm.model)[c.layer]  # a decoder layer: attention, MLP
     if c.kind == "attn":
-        return float(_module_params(block.self_attn))
+        return float(_module_params(arch.attention(block)))
     if c.kind == "mlp":
-        return float(_module_params(block.mlp))
+        return float(_module_params(arch.mlp_module(block)))
     if c.kind == "head":
-        return _module_params(block.self_attn, re.compile(_HEAD_PARAMS.pattern.replace(r"\.self_attn", ""))) / lm.shape.n_heads
-    return _module_params(block.mlp, re.compile(_NEURON_PARAMS.pattern.replace(r"\.mlp", ""))) / lm.shape.d_mlp
+        return _module_params(arch.attention(block), arch.head_params(inside=True)) / lm.shape.n_heads
+    return _module_params(arch.mlp_module(block), arch.neuron_params(inside=True)) / lm.shape.d_mlp
 
 
 def param_fraction(lm: LoadedModel, components: Sequence[Component | str]) -> float:

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from mech.architectures import architecture_of
 from mech.chat import post_instruction_positions
 from mech.evaluation import Baseline, InterventionResult, evaluate_intervention
 from mech.hooks import HookPoint, decoder_layers, hook_name, hooks, run_with_cache
@@ -203,14 +204,15 @@ def _orth_targets(lm: LoadedModel) -> list[tuple[nn.Module, str, str]]:
     (``how="rows"``: each row is a d_model vector) and the output side of o_proj/down_proj (``"out"``)."""
     model = lm.model
     out: list[tuple[nn.Module, str, str]] = [(model.get_input_embeddings(), "weight", "rows")]
-    block: Any  # a decoder layer: self_attn.o_proj, mlp.down_proj
+    arch = architecture_of(model)
+    block: Any  # a decoder layer: attention's output projection (o_proj), MLP's (down_proj)
     for L, block in enumerate(decoder_layers(model)):
         if any(hasattr(block, n) for n in ("post_feedforward_layernorm", "pre_feedforward_layernorm")):
             raise NotImplementedError(
                 f"layer {L} normalizes block outputs before the residual add (sandwich norms): weight "
                 "orthogonalization is not equivalent to directional ablation there; use directional_ablation"
             )
-        for lin in (block.self_attn.o_proj, block.mlp.down_proj):
+        for lin in (arch.attn_out_proj(block), arch.mlp_out_proj(block)):
             out.append((lin, "weight", "out"))
             if getattr(lin, "bias", None) is not None:
                 out.append((lin, "bias", "rows"))

@@ -25,8 +25,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mech.architectures import ArchitectureError, architecture_of, supported_model_types
+
 HOOK_KINDS = ("hook_resid_pre", "attn.hook_z", "hook_attn_out", "mlp.hook_post", "hook_mlp_out", "hook_resid_post")
-SUPPORTED_ARCHS = ("qwen2", "llama", "gemma", "mistral", "qwen3")
 _NAME_RE = re.compile(r"^blocks\.(\d+)\.(" + "|".join(re.escape(k) for k in HOOK_KINDS) + r")$")
 
 HookFn = Callable[[Tensor, "HookPoint"], Tensor | None]
@@ -49,12 +50,12 @@ class HookPoint:
 
 
 def decoder_layers(model: Any) -> nn.ModuleList:
-    """The list of decoder layers of a HF causal LM (``model.model.layers``)."""
-    base = getattr(model, "model", model)
-    layers = getattr(base, "layers", None)
-    if layers is None:
-        raise HookError(f"{type(model).__name__} has no .model.layers; supported archs: {', '.join(SUPPORTED_ARCHS)}")
-    return layers
+    """The list of decoder layers of a HF causal LM or its base model (where its
+    :class:`~mech.architectures.Architecture` says: ``model.model.layers`` for every family supported today)."""
+    try:
+        return architecture_of(model).decoder_layers(model)
+    except ArchitectureError as e:
+        raise HookError(str(e)) from None
 
 
 def hook_name(layer: int, kind: str) -> str:
@@ -90,18 +91,20 @@ def resolve(lm_or_model: Any, name: str) -> HookPoint:
         return HookPoint(name, layer, kind, block, True)
     if kind == "hook_resid_post":
         return HookPoint(name, layer, kind, block, False)
-    attn, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
-    if attn is None or mlp is None or not hasattr(attn, "o_proj") or not hasattr(mlp, "down_proj"):
+    arch = architecture_of(model)
+    attn, mlp = arch.attention(block), arch.mlp_module(block)
+    o_proj, down_proj = arch.attn_out_proj(block), arch.mlp_out_proj(block)
+    if attn is None or mlp is None or o_proj is None or down_proj is None:
         raise HookError(
-            f"layer {layer} of {type(model).__name__} lacks self_attn.o_proj / mlp.down_proj; "
-            f"supported archs: {', '.join(SUPPORTED_ARCHS)}"
+            f"layer {layer} of {type(model).__name__} lacks {arch.attn}.{arch.attn_out} / {arch.mlp}.{arch.mlp_out}; "
+            f"supported archs: {', '.join(supported_model_types())}"
         )
     if kind == "attn.hook_z":
-        return HookPoint(name, layer, kind, attn.o_proj, True, n_heads=model.config.num_attention_heads)
+        return HookPoint(name, layer, kind, o_proj, True, n_heads=getattr(model.config, arch.n_heads_key))
     if kind == "hook_attn_out":
         return HookPoint(name, layer, kind, attn, False)
     if kind == "mlp.hook_post":
-        return HookPoint(name, layer, kind, mlp.down_proj, True)
+        return HookPoint(name, layer, kind, down_proj, True)
     return HookPoint(name, layer, kind, mlp, False)  # hook_mlp_out
 
 

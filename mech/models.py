@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import torch
 
+from mech.architectures import ArchitectureError, architecture
 from mech.chat import format_chat, pad_left
 from mech.precision import PrecisionError, choose_precision
 
@@ -117,18 +118,8 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, config: Any) -> ModelShape:
-        n_heads = config.num_attention_heads
-        d_head = getattr(config, "head_dim", None) or config.hidden_size // n_heads
-        return cls(
-            arch=config.model_type,
-            n_layers=config.num_hidden_layers,
-            d_model=config.hidden_size,
-            n_heads=n_heads,
-            n_kv_heads=getattr(config, "num_key_value_heads", None) or n_heads,
-            d_head=d_head,
-            d_mlp=config.intermediate_size,
-            d_vocab=config.vocab_size,
-        )
+        """Read off the config keys that the model type's :class:`~mech.architectures.Architecture` names."""
+        return cls(arch=config.model_type, **architecture(config.model_type).shape_values(config))
 
 
 @dataclass
@@ -388,6 +379,9 @@ def load_model(
     try:
         tokenizer = AutoTokenizer.from_pretrained(src, **kw)
         model: Any = AutoModelForCausalLM.from_pretrained(src, **load_kw)
+        architecture(model.config.model_type)  # a model type without an Architecture entry: one line, here
+    except ArchitectureError as e:
+        raise ModelError(f"{display}: {e}") from None
     except ModelError:
         raise
     except Exception as e:
@@ -476,6 +470,7 @@ def n_layers_of(name_or_path: str = DEFAULT_MODEL, cache_dir: str | Path | None 
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     src, kw, _, _ = _resolve(name_or_path, cache)
     try:
-        return int(AutoConfig.from_pretrained(src, **kw).num_hidden_layers)
+        cfg = AutoConfig.from_pretrained(src, **kw)
+        return int(getattr(cfg, architecture(cfg.model_type).n_layers_key))
     except Exception as e:
         raise ModelError(f"could not read the config of {name_or_path!r}: {type(e).__name__}") from e

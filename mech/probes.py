@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from mech.architectures import architecture_of
 from mech.hooks import hook_name, run_with_cache
 
 if TYPE_CHECKING:
@@ -104,7 +105,7 @@ def direct_logit_attribution(
     prompts, and their difference (``delta[L] = [attn, mlp]``), the direct effect each block has on refusal;
     ``*_per_prompt`` ``[n, L, 2]`` for confidence intervals."""
     model = lm.model
-    norm = model.model.norm
+    norm = architecture_of(model).final_norm_of(model)
     d = lm.shape.d_model
     dev = next(norm.parameters()).device
     with torch.inference_mode():

@@ -5,19 +5,18 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import readme_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_SET = ["--set", "min_refusals=0", "--set", "gate_open=true", "--set", "n_bootstrap=200"]
 
 
 def _blocks() -> list[str]:
-    text = (ROOT / "hypotheses" / "README.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    return [re.sub(r"^   ", "", b, flags=re.M) for b in blocks]  # the blocks are indented inside a list
+    return readme_blocks("Adding a claim")  # the other sections' blocks belong to their own pages
 
 
 @pytest.mark.slow

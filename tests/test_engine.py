@@ -3,6 +3,8 @@ a run joined at layer L from the reference residual equals the full run) and its
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -61,6 +63,7 @@ def test_engine_refuses_a_non_rotary_model() -> None:
         def __init__(self) -> None:
             super().__init__()
             self.model = Base()
+            self.config = SimpleNamespace(model_type="qwen2")  # a registered family (mech.architectures)
 
     class FakeLM:
         model = Model()

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mech.architectures import architecture_of
 from mech.hooks import HookFn, HookPoint, decoder_layers, hook_name, hooks
 from mech.patching.plan import Metric
 from mech.patching.spec import PatchingError, kind_hook
@@ -123,7 +124,8 @@ class _Stop(Exception):
 class Engine:
     """Partial forwards over a range of decoder layers for a window of positions on top of cached prefix K/V.
 
-    Works on any HF decoder-only model whose base model has ``layers``, ``rotary_emb`` and ``norm`` and whose
+    Works on any HF decoder-only model whose :class:`~mech.architectures.Architecture` names its base model's
+    ``layers``, ``rotary`` embedding and ``final_norm`` (``rotary_emb`` and ``norm`` today) and whose
     attention runs ``eager`` or ``sdpa`` (a 4-D additive mask is passed to the layers); the model must sit on
     one device (a sharded model uses the sweeps' ``method="naive"``). The pieces:
 
@@ -148,14 +150,16 @@ class Engine:
     def __init__(self, lm: LoadedModel) -> None:
         self.lm = lm
         self.model = lm.model
-        self.base = self.model.model
+        arch = architecture_of(self.model)
+        self.base = arch.base_model(self.model)
         self.layers = decoder_layers(self.model)
         self.n_layers = len(self.layers)
-        for attr in ("rotary_emb", "norm"):
+        for attr in (arch.rotary, arch.final_norm):
             if not hasattr(self.base, attr):
                 raise PatchingError(
                     f"{type(self.base).__name__} has no .{attr}; the fast path needs a rotary decoder; use method='naive'"
                 )
+        self.rotary, self.final_norm = arch.rotary_of(self.model), arch.final_norm_of(self.model)
         impl = getattr(self.model.config, "_attn_implementation", "eager")
         if impl not in ("eager", "sdpa"):
             raise PatchingError(
@@ -241,7 +245,7 @@ class Engine:
         B, W = pos.shape
         n_shared = shared.slots if shared is not None else 0
         mask = self.mask(B, W, n_shared, rem_valid)  # [B, 1, W, P + W]
-        cos, sin = self.base.rotary_emb(joins[0][1], pos)  # [B, W, d_head] each
+        cos, sin = self.rotary(joins[0][1], pos)  # [B, W, d_head] each
         cache = _PrefixCache(shared, rem, rowmap, kv_record)
         h: Tensor | None = None
         ji = 0
@@ -273,7 +277,7 @@ class Engine:
         if out_slot is None:
             return None
         last = h[torch.arange(B, device=h.device), out_slot]  # [B, d_model]
-        return self.base.norm(last)
+        return self.final_norm(last)
 
     def logits_metric(
         self, final: Tensor, metric: Metric, keep_logits: bool, rows_per_unembed: int = 128
