@@ -253,14 +253,14 @@ def test_an_eval_prompt_set_trains_on_the_pairs_and_judges_on_the_file(tmp_path:
 
 
 def test_a_model_whose_extra_is_not_installed_names_the_extra(tmp_path: Path, monkeypatch):
-    from mech import models
+    from mech import registry
     from runner.replicate.main import replicate
     from runner.replicate.specs import ReplicationError
 
-    spec = models.ModelSpec(name="absent-model", gguf_name="absent.gguf", sha256="0" * 64, size=1,
+    spec = registry.ModelSpec(name="absent-model", gguf_name="absent.gguf", sha256="0" * 64, size=1,
                             dists=("mech-test-absent-wheel-part1",), members=("absent/part01.bin",),
                             install_hint="pip install 'mech[absent]'")
-    monkeypatch.setitem(models.REGISTRY, "absent-model", spec)
+    monkeypatch.setitem(registry.REGISTRY, "absent-model", spec)
     with pytest.raises(ReplicationError, match=r"--models absent-model: .*mech-test-absent-wheel-part1.*"
                                                r"pip install 'mech\[absent\]'"):
         replicate(["absent-model"], out=tmp_path / "r", cache_dir=tmp_path / "cache")
