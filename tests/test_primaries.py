@@ -99,6 +99,19 @@ def test_h1_supports_a_ranking_that_beats_label_free_selections_too():
     assert t["parts"]["selection_null"] == pytest.approx(1 / 101)
 
 
+def test_selections_equal_to_the_ranked_sets_tie_against_them():
+    """Where every label-free selection is the ranked set (scored once, the ranked scores reused), the selection
+    part is p = 1 for H1 and H3: an exact tie, whatever the float summation."""
+    rng = np.random.default_rng(17)
+    base = rng.normal(3.0, 1.0, 33)
+    ranked = base + rng.normal(-1.0, 0.3, 33)
+    assert circuit_parts(base, ranked, base + rng.normal(0, 0.1, (20, 33)), np.stack([ranked] * 20),
+                         SUITE)["parts"]["selection_null"] == 1.0
+    cc = _substrate(rng, 1.5)
+    cc["selection_null"] = {a: [float(np.mean(np.array(cc["ranked"][a])[cc["judged"][a]]))] * 100 for a in CATS}
+    assert substrate_parts(cc)["parts"]["selection_null"] == 1.0
+
+
 def test_h1_holds_its_size_where_the_ranking_is_one_more_label_free_selection():
     """Under label-shuffled training data the ranked set is exchangeable with the label-free selections: important
     heads (shift = importance, far beyond the random sets) are supported at most at about alpha."""
