@@ -1,8 +1,10 @@
 """H1 — a localized refusal circuit: a small set of attention heads is *necessary* for refusal.
 
 Heads are ranked by attribution patching (harmless → harmful) on train pairs; the top k (5% of all heads) are
-mean-ablated (means over train harmless prompts) on every harmful test prompt. The matched null: random head
-sets with the same number of heads in each layer as the ranked set.
+mean-ablated (means over train harmless prompts) on every harmful test prompt. Two matched nulls: random head
+sets with the same number of heads in each layer as the ranked set, and label-free selections (the same ranking
+rule on the same pairs, each pair's AtP direction chosen by a coin), which match the ranked set on how important
+its heads are.
 """
 
 from __future__ import annotations
@@ -27,29 +29,40 @@ pytestmark = [pytest.mark.localized_circuit, pytest.mark.realmodel, pytest.mark.
 def test_ranked_heads_beat_layer_matched_random(circuit_ablation, top_head_attention, suite, claim,
                                                  selection_stability):
     """PRIMARY. Mean-ablating the top-k attribution-ranked heads (k = 5% of heads) lowers the refusal score of the
-    harmful test prompts more than layer-matched random head sets of the same size, at two levels, both needed:
+    harmful test prompts more than matched head sets of the same size, three tests, all needed:
     (1) over head sets — the ranked set's mean drop beats ≥ 100 layer-matched random sets (one-sided Monte-Carlo
     p); (2) over prompts — the per-prompt effect (ranked Δ − mean random Δ) is below zero with the prompts
     resampled (one-sided bootstrap p of its mean: p < alpha exactly when the one-sided 1 − alpha bound excludes
-    no effect). One p: the intersection–union p, the larger of the two. Effect: ranked Δ − mean random Δ
-    (log-odds), 95% bootstrap CI over prompts.
+    no effect); (3) over selections — the ranked set's mean drop beats ≥ 100 label-free selections, the top k by
+    the same rule on the same train pairs with each pair's AtP direction (harmless → harmful or harmful →
+    harmless) chosen by a seeded coin (one-sided Monte-Carlo p; a selection equal to the ranked set ties against
+    it). One p: the intersection–union p, the largest of the three. Effect: ranked Δ − mean random Δ (log-odds),
+    95% bootstrap CI over prompts.
 
     How it fails: a ranking no better than chance loses (1) (the ranked set is one more draw from the null); a
-    drop carried by a few prompts, or one that random sets of the same layers reach on most prompts, loses (2)."""
+    drop carried by a few prompts, or one that random sets of the same layers reach on most prompts, loses (2); a
+    ranking that picks generically important heads, which lower any refusal score whatever the labels (as it does
+    on label-shuffled training data), loses (3): there the ranked set is one more label-free selection."""
     c = circuit_ablation
     base, ranked, null = np.array(c["base"]), np.array(c["ranked"]), np.array(c["null_scores"])  # null [draws, n]
-    t = circuit_parts(base, ranked, null, suite)
+    selection = np.array(c["selection_scores"])  # [draws, n]
+    t = circuit_parts(base, ranked, null, selection, suite)
     parts, test, d_ranked, d_null, per_prompt = t["parts"], t["test"], t["d_ranked"], t["d_null"], t["per_prompt"]
+    sel, d_sel = t["selection_test"], t["d_selection"]
     p_prompts = parts["prompts"]
     lo, hi = bootstrap_ci(per_prompt, n_resamples=suite.n_bootstrap, seed=suite.split_seed)
     p_comp = intersection_union_p(parts)
+    same = sum(set(s) == set(c["heads"]) for s in c["selection_sets"])
     claim.result(statistic=d_ranked, p_value=p_comp, effect=float(per_prompt.mean()), ci=[lo, hi],
                  n=len(base), mde=null_detectable_shift(d_null, suite.alpha, "less"),
                  unit="log-odds (ranked − random)",
-                 test="intersection–union: Monte-Carlo permutation over head sets and bootstrap over prompts, "
-                      "both one-sided",
-                 null=f"{len(d_null)} layer-matched random head sets of {c['k']}; no per-prompt effect")
+                 test="intersection–union: Monte-Carlo permutation over layer-matched random head sets, bootstrap "
+                      "over prompts, Monte-Carlo permutation over label-free selections, all one-sided",
+                 null=f"{len(d_null)} layer-matched random head sets of {c['k']}; no per-prompt effect; "
+                      f"{len(d_sel)} label-free selections of {c['k']} (coin per train pair for the AtP direction)")
     claim.record(p_parts=parts, k=c["k"], heads=c["heads"], random_mean_delta=float(d_null.mean()),
+                 selection_mean_delta=float(d_sel.mean()), n_selection_null=len(d_sel),
+                 selection_equal_to_ranked=same, n_selection_distinct_scored=c["n_selection_scored"],
                  param_fraction=c["param_fraction"], harmless_kl=c["kl"], ce_before=c["ce_before"],
                  ce_after=c["ce_after"])
     claim.uses(c)
@@ -69,9 +82,10 @@ def test_ranked_heads_beat_layer_matched_random(circuit_ablation, top_head_atten
                  caption="Descriptive (attention weight 0–1, query rows, key columns): what the top heads read; "
                          "nothing here decides the claim.")
     assert p_comp < suite.alpha, (
-        f"top-{c['k']} Δ = {d_ranked:.3f} vs layer-matched random {d_null.mean():.3f} (p over sets "
-        f"{test.p_value:.3g}); per-prompt effect {per_prompt.mean():.3f} (95% CI {lo:.3f}–{hi:.3f}, p over prompts "
-        f"{p_prompts:.3g}): composite p = {p_comp:.3g}")
+        f"top-{c['k']} Δ = {d_ranked:.3f} vs {len(d_null)} layer-matched random sets {d_null.mean():.3f} (p over "
+        f"sets {test.p_value:.3g}); per-prompt effect {per_prompt.mean():.3f} (95% CI {lo:.3f}–{hi:.3f}, p over "
+        f"prompts {p_prompts:.3g}); vs {len(d_sel)} label-free selections {d_sel.mean():.3f} (p over selections "
+        f"{sel.p_value:.3g}, {same} equal to the ranked set): composite p = {p_comp:.3g}")
 
 
 def test_small_set_reaches_half_of_all_heads(circuit_ablation, suite, claim):

@@ -1,8 +1,9 @@
 """H3 — a shared substrate: the same heads serve refusal across harm categories.
 
 Primary: ablating one category's top heads (ranked on all of its train pairs) lowers refusal on the *other*
-categories' harmful test prompts more than layer-matched random head sets do, on the same prompts, as one
-set-level permutation test over joint draws of random sets. Reported beside it: how much the category head sets
+categories' harmful test prompts more than layer-matched random head sets do, and more than label-free selections
+of the same rule do (each train pair's AtP direction chosen by a coin), on the same prompts, as set-level
+permutation tests over joint draws. Reported beside it: how much the category head sets
 overlap (Jaccard, with each other and with H1's top-k) and the discriminating contrast, transfer to the other
 categories against transfer to the category's own prompts. Exploratory, per category (``-k fraud``): that transfer
 for this category, and whether its attribution map is specific to it (agrees with the others' less than a random
@@ -16,7 +17,7 @@ import pytest
 from scipy.stats import wilcoxon
 
 from fixtures.common import require_gate
-from fixtures.h3_substrate import jaccard, substrate_statistic
+from fixtures.h3_substrate import jaccard, substrate_parts
 from mech import plots
 from mech.patching import PatchResult
 from mech.stats import (
@@ -40,28 +41,36 @@ def _excess(cc: dict, a: str) -> np.ndarray:
 def test_heads_transfer_beyond_random(cross_category, suite, claim, selection_stability):
     """PRIMARY. A shared substrate: mean-ablating category A's top-k heads (ranked on all of A's train pairs)
     lowers the refusal score of the other categories' harmful test prompts more than layer-matched random sets of
-    k heads do. One set-level permutation test: the statistic is the mean over categories of A's drop on its
-    judged off-category prompts; each of ``n_random_per_category`` joint draws gives every category one random set
-    with its count per layer and the same statistic; one-sided Monte-Carlo p = (1 + #draws ≥ observed)/(1 + draws).
-    Effect: observed − mean of the draws (log-odds), 95% bootstrap CI over categories of their excess.
+    k heads do, and more than label-free selections do. Two set-level permutation tests, both needed: the
+    statistic is the mean over categories of A's drop on its judged off-category prompts; (1) each of
+    ``n_random_per_category`` joint draws gives every category one random set with its count per layer and the
+    same statistic; (2) each of ``n_selection_null`` joint draws flips one coin per train pair for its AtP
+    direction (harmless → harmful or harmful → harmless) and gives every category its top k by the same rule,
+    and the same statistic (a selection equal to the ranked set ties against it); one-sided Monte-Carlo
+    p = (1 + #draws ≥ observed)/(1 + draws) each. One p: the intersection–union p, the larger of the two. Effect:
+    observed − mean of the random draws (log-odds), 95% bootstrap CI over categories of their excess.
 
     How it fails: category sets that do no more off-category than random heads of the same layers (category-
-    specific circuits, or heads that matter only where they were ranked) give a draw-like statistic. Eleven
-    categories that are one number repeated count once: the p is over set draws, not over categories. Recorded,
-    not tested: the overlap of the category sets (Jaccard) and the transfer to the own category against the others
-    (prompt-level bootstrap CIs) — a shared substrate transfers about as much to the others as to its own."""
+    specific circuits, or heads that matter only where they were ranked) give a draw-like statistic (1); sets of
+    generically important heads, which lower any refusal score whatever the labels (as on label-shuffled training
+    data), do no more than label-free selections (2). Eleven categories that are one number repeated count once:
+    the p is over set draws, not over categories. Recorded, not tested: the overlap of the category sets (Jaccard)
+    and the transfer to the own category against the others (prompt-level bootstrap CIs) — a shared substrate
+    transfers about as much to the others as to its own."""
     cc = cross_category
     cats = cc["categories"]
-    obs, null = substrate_statistic(cc)
-    test = permutation_pvalue(obs, null, alternative="greater")
-    parts = {"random_head_sets": test.p_value}
+    t = substrate_parts(cc)
+    obs, null, selection, test, sel = t["obs"], t["null"], t["selection"], t["test"], t["selection_test"]
+    parts = t["parts"]
     p = intersection_union_p(parts)
     excess = np.array([_excess(cc, a).mean() for a in cats])
     lo, hi = bootstrap_ci(excess, n_resamples=suite.n_bootstrap, seed=suite.split_seed)
     claim.result(statistic=obs, p_value=p, effect=obs - float(null.mean()), ci=[lo, hi], n=len(cats),
                  mde=null_detectable_shift(null, suite.alpha, "greater"), unit="log-odds (excess drop over random)",
-                 test="Monte-Carlo permutation over joint draws of layer-matched random sets, one-sided",
-                 null=f"{len(null)} joint draws of one layer-matched random head set per category, same prompts")
+                 test="intersection–union: Monte-Carlo permutation over joint draws of layer-matched random sets "
+                      "and over joint draws of label-free selections, both one-sided",
+                 null=f"{len(null)} joint draws of one layer-matched random head set per category; {len(selection)} "
+                      "joint draws of label-free selections (coin per train pair for the AtP direction); same prompts")
     pc = np.array(cc["prompt_categories"])
     transfer = {}
     for a in cats:
@@ -73,7 +82,11 @@ def test_heads_transfer_beyond_random(cross_category, suite, claim, selection_st
                            other, n_resamples=suite.n_bootstrap, seed=suite.split_seed)), "n_own": int(own.size)}
     own_minus_other = np.array([transfer[a]["own"] - transfer[a]["other"] for a in cats])
     pair_j = [jaccard(cc["rankings"][a], cc["rankings"][b]) for i, a in enumerate(cats) for b in cats[i + 1:]]
+    same = {a: sum(set(x) == set(cc["rankings"][a]) for x in cc["selection_sets"][a]) for a in cats}
     claim.record(p_parts=parts, k=cc["k"], n_judged_per_category=len(next(iter(cc["judged"].values()))),
+                 random_mean=float(null.mean()), selection_mean=float(selection.mean()),
+                 n_selection_null=len(selection), selection_equal_to_ranked=same,
+                 n_selection_distinct_scored=cc["n_selection_scored"],
                  excess_by_category=dict(zip(cats, excess.tolist(), strict=True)),
                  jaccard_between_categories_mean=float(np.mean(pair_j)) if pair_j else None,
                  jaccard_with_h1_top_k={a: jaccard(cc["rankings"][a], cc["h1_heads"]) for a in cats},
@@ -95,7 +108,9 @@ def test_heads_transfer_beyond_random(cross_category, suite, claim, selection_st
                  "Overlap of the category head sets",
                  caption="Descriptive: high overlap everywhere means the category sets are largely one set; the claim "
                          "is decided by the joint random draws.")
-    assert p < suite.alpha, (f"mean off-category drop {obs:.3f} vs joint random draws {null.mean():.3f}: "
+    assert p < suite.alpha, (f"mean off-category drop {obs:.3f} vs {len(null)} joint draws of layer-matched random "
+                             f"sets {null.mean():.3f} (p {test.p_value:.3g}) and {len(selection)} joint draws of "
+                             f"label-free selections {selection.mean():.3f} (p {sel.p_value:.3g}): composite "
                              f"p = {p:.3g}")
 
 

@@ -185,7 +185,7 @@ def test_bad_input_is_one_line(tmp_path: Path) -> None:
 # the nulls shrunk as in tests/test_replicate.py, but the gate left as configured: the calibration opens it
 # (gate_open) on the null runs, and the real run of a tiny random model does not pass it
 TINY_SET = ["n_random_primary=5", "n_probe_shuffles=10", "n_label_shuffles=10", "n_random_directions=3",
-            "n_bootstrap=200", "n_random_curve=2", "n_random_per_category=1", "max_new_tokens=4", "n_rank_pairs=6",
+            "n_bootstrap=200", "n_random_curve=2", "n_random_per_category=1", "n_selection_null=2", "max_new_tokens=4", "n_rank_pairs=6",
             "n_mean_prompts=6", "n_token_probes=6", "n_dim_train=6", "n_select_val=3", "length_probe_tokens=8"]
 SHARED = ("refusal_tokens", "baseline_generations", "coherence_check", "baseline")  # label-independent stages
 

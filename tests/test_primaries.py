@@ -15,14 +15,21 @@ import torch
 
 from fixtures.common import balanced
 from fixtures.config import SuiteConfig
-from fixtures.h1_circuit import circuit_parts
+from fixtures.h1_circuit import (
+    circuit_parts,
+    label_free_delta,
+    reverse_deltas,
+    selection_null_sets,
+    top_heads,
+    top_of,
+)
 from fixtures.h2_hierarchy import hierarchy_parts, signed_rank_p
-from fixtures.h3_substrate import jaccard, off_category_prompts, substrate_statistic
+from fixtures.h3_substrate import category_selections, jaccard, off_category_prompts, substrate_parts
 from fixtures.h4_direction import control_directions, direction_parts, short_measure, site_activations
 from mech.grading import Grade
 from mech.prompts import default_pairs
 from mech.refusal import SubstringDetector
-from mech.stats import intersection_union_p, permutation_pvalue
+from mech.stats import intersection_union_p
 
 SUITE = dataclasses.replace(SuiteConfig(), n_bootstrap=500)
 ALPHA = SUITE.alpha
@@ -36,12 +43,20 @@ def _rate_ok(rejections: int, n: int) -> bool:
 # ----------------------------------------------------------------------------------------------------- H1
 
 
-def _h1(rng: np.random.Generator, n_prompts: int = 33, draws: int = 100, shift: np.ndarray | None = None) -> float:
+def _h1_parts(rng: np.random.Generator, n_prompts: int = 33, draws: int = 100, shift: np.ndarray | float = 0.0,
+              importance: float = 0.0) -> dict:
+    """Per-prompt scores: a layer-matched random set moves a prompt by its ``prompt_effect`` (+ noise); a
+    label-free selection (generically important heads) by that + ``importance``; the ranked set by that + ``shift``."""
     base = rng.normal(3.0, 1.0, n_prompts)
     prompt_effect = rng.normal(-0.5, 0.3, n_prompts)  # what any head set of these layers does to a prompt
     null = base + prompt_effect + rng.normal(0, 0.4, (draws, n_prompts))
-    ranked = base + prompt_effect + rng.normal(0, 0.4, n_prompts) + (0 if shift is None else shift)
-    return intersection_union_p(circuit_parts(base, ranked, null, SUITE)["parts"])
+    selection = base + prompt_effect + importance + rng.normal(0, 0.4, (draws, n_prompts))
+    ranked = base + prompt_effect + rng.normal(0, 0.4, n_prompts) + shift
+    return circuit_parts(base, ranked, null, selection, SUITE)
+
+
+def _h1(rng: np.random.Generator, n_prompts: int = 33, draws: int = 100, shift: np.ndarray | float = 0.0) -> float:
+    return intersection_union_p(_h1_parts(rng, n_prompts, draws, shift)["parts"])
 
 
 def test_h1_holds_its_size_where_the_ranking_is_a_random_set():
@@ -58,14 +73,117 @@ def test_h1_needs_the_prompt_level_bound_not_only_the_set_level_p():
     base = rng.normal(3.0, 1.0, 33)
     null = base - 0.5 + rng.normal(0, 0.1, (100, 33))
     ranked = base - 0.5 + rng.normal(0, 0.1, 33) + shift
-    t = circuit_parts(base, ranked, null, SUITE)
-    assert t["parts"]["random_head_sets"] < ALPHA
+    t = circuit_parts(base, ranked, null, null, SUITE)
+    assert t["parts"]["random_head_sets"] < ALPHA and t["parts"]["selection_null"] < ALPHA
     assert t["parts"]["prompts"] >= ALPHA and intersection_union_p(t["parts"]) >= ALPHA
 
 
 def test_h1_supports_a_ranking_that_lowers_every_prompt():
     rng = np.random.default_rng(2)
     assert _h1(rng, shift=np.full(33, -1.0)) < ALPHA
+
+
+def test_h1_fails_a_ranking_that_beats_random_heads_but_not_label_free_selections():
+    """The calibration's case: on label-shuffled pairs the ranking picks generically important heads, which lower
+    the refusal score more than layer-matched random heads (both layer-matched parts pass) but no more than the
+    same rule picks with each pair's direction chosen by a coin."""
+    rng = np.random.default_rng(9)
+    t = _h1_parts(rng, shift=-1.0, importance=-1.0)
+    assert t["parts"]["random_head_sets"] < ALPHA and t["parts"]["prompts"] < ALPHA
+    assert t["parts"]["selection_null"] >= ALPHA and intersection_union_p(t["parts"]) >= ALPHA
+
+
+def test_h1_supports_a_ranking_that_beats_label_free_selections_too():
+    t = _h1_parts(np.random.default_rng(10), shift=-1.0, importance=-0.4)
+    assert all(p < ALPHA for p in t["parts"].values()) and intersection_union_p(t["parts"]) < ALPHA
+    assert t["parts"]["selection_null"] == pytest.approx(1 / 101)
+
+
+def test_selections_equal_to_the_ranked_sets_tie_against_them():
+    """Where every label-free selection is the ranked set (scored once, the ranked scores reused), the selection
+    part is p = 1 for H1 and H3: an exact tie, whatever the float summation."""
+    rng = np.random.default_rng(17)
+    base = rng.normal(3.0, 1.0, 33)
+    ranked = base + rng.normal(-1.0, 0.3, 33)
+    assert circuit_parts(base, ranked, base + rng.normal(0, 0.1, (20, 33)), np.stack([ranked] * 20),
+                         SUITE)["parts"]["selection_null"] == 1.0
+    cc = _substrate(rng, 1.5)
+    cc["selection_null"] = {a: [float(np.mean(np.array(cc["ranked"][a])[cc["judged"][a]]))] * 100 for a in CATS}
+    assert substrate_parts(cc)["parts"]["selection_null"] == 1.0
+
+
+def test_h1_holds_its_size_where_the_ranking_is_one_more_label_free_selection():
+    """Under label-shuffled training data the ranked set is exchangeable with the label-free selections: important
+    heads (shift = importance, far beyond the random sets) are supported at most at about alpha."""
+    rng = np.random.default_rng(11)
+    assert _rate_ok(sum(intersection_union_p(_h1_parts(rng, shift=-1.0, importance=-1.0)["parts"]) < ALPHA
+                        for _ in range(200)), 200)
+
+
+def _head_atp(delta: np.ndarray, categories: list[str], pair_ids: list[list[str]],
+              direction: str = "harmless_to_harmful") -> dict:
+    """An ``atp_noise`` / ``atp_reverse``-shaped dict whose per-pair head deltas are ``delta`` (4 heads per layer)."""
+    from mech.patching import PatchResult
+    from mech.patching.spec import Patch
+
+    patches = [Patch((), {"layer": j // 4, "component": "z", "head": j % 4, "position": "all"})
+               for j in range(delta.shape[1])]
+    n = delta.shape[0]
+    res = PatchResult(kind="head", method="atp", direction=direction, patches=patches, raw=delta + 1.0,
+                      clean=np.ones(n), source=np.zeros(n))
+    return {"head": res.to_dict(), "categories": categories, "pair_ids": pair_ids}
+
+
+def _selective_and_important(rng: np.random.Generator, n_pairs: int = 24, n_heads: int = 16) -> tuple:
+    """Per-pair AtP deltas of 16 heads: heads 0-1 carry refusal (harmless → harmful −1, harmful → harmless +1),
+    heads 2-5 are generically important (patching in any other prompt's activation lowers the score: −0.5 either
+    way, noisy), the rest small noise."""
+    fwd = rng.normal(0, 0.05, (n_pairs, n_heads))
+    rev = rng.normal(0, 0.05, (n_pairs, n_heads))
+    fwd[:, :2] -= 1.0
+    rev[:, :2] += 1.0
+    fwd[:, 2:6] += rng.normal(-0.5, 0.3, (n_pairs, 4))
+    rev[:, 2:6] += rng.normal(-0.5, 0.3, (n_pairs, 4))
+    return fwd, rev
+
+
+def test_label_free_selections_are_seeded_mix_rows_and_keep_the_ranking_rule():
+    rng = np.random.default_rng(12)
+    fwd, rev = _selective_and_important(rng)
+    mixed = label_free_delta(fwd, rev, 0, 1)
+    assert all((mixed[i] == fwd[i]).all() or (mixed[i] == rev[i]).all() for i in range(len(fwd)))
+    assert 0 < sum((mixed[i] == rev[i]).all() for i in range(len(fwd))) < len(fwd)  # a coin, not a constant
+    assert (label_free_delta(fwd, rev, 0, 1) == mixed).all() and not (label_free_delta(fwd, rev, 0, 2) == mixed).all()
+    labels = [f"L{j // 4}.H{j % 4}" for j in range(16)]
+    assert set(top_of(fwd, labels, 2)) == {"L0.H0", "L0.H1"}  # the true labels pick the refusal heads
+    sets = selection_null_sets(fwd, rev, labels, 2, 0, 50)
+    assert len(sets) == 50 and sets == selection_null_sets(fwd, rev, labels, 2, 0, 50)
+    # the coin cancels the refusal heads' sign: label-free selections pick the generically important heads
+    assert sum(bool(set(x) & {"L0.H0", "L0.H1"}) for x in sets) <= 2
+    assert sum(set(x) <= {"L0.H2", "L0.H3", "L1.H0", "L1.H1"} for x in sets) >= 48
+    with pytest.raises(ValueError, match="differ in shape"):
+        label_free_delta(fwd, rev[:3], 0, 1)
+
+
+def test_reverse_deltas_align_by_pair_id_and_h3_selections_use_each_category_s_pairs():
+    rng = np.random.default_rng(13)
+    fwd, rev = _selective_and_important(rng, n_pairs=6)
+    ids = [[f"h{i}", f"s{i}"] for i in range(6)]
+    cats = ["a", "a", "a", "b", "b", "b"]
+    order = [4, 0, 2]  # H1 ranks on a subset of the train pairs, in its own order
+    atp = _head_atp(fwd[order], [cats[i] for i in order], [ids[i] for i in order])
+    reverse = _head_atp(rev, cats, ids, "harmful_to_harmless")
+    f, r, labels = reverse_deltas(atp, reverse, [ids[i] for i in order])
+    assert np.allclose(f, fwd[order]) and np.allclose(r, rev[order]) and labels[:2] == ["L0.H0", "L0.H1"]
+    with pytest.raises(ValueError, match="no reverse AtP"):
+        reverse_deltas(atp, _head_atp(rev[:2], cats[:2], ids[:2]), [ids[i] for i in order])
+    full = _head_atp(fwd, cats, ids)
+    sel = category_selections(full, reverse, ["a", "b"], 2, 0, 20)
+    assert set(sel) == {"a", "b"} and all(len(v) == 20 for v in sel.values())
+    # draw s of category a is the rule on a's rows of that draw's mixed deltas (the same coins for every category)
+    mixed = label_free_delta(fwd, rev, 0, 3)
+    assert sel["a"][2] == top_of(mixed[:3], labels, 2) and sel["b"][2] == top_of(mixed[3:], labels, 2)
+    assert top_heads(full, 2, ["a"]) == top_of(fwd[:3], labels, 2)
 
 
 # ----------------------------------------------------------------------------------------------------- H2
@@ -126,22 +244,24 @@ def test_signed_rank_p_fails_closed():
 CATS = [f"c{i}" for i in range(11)]
 
 
-def _substrate(rng: np.random.Generator, ranked_mean: float, draws: int = 100, same_number: bool = False) -> dict:
+def _substrate(rng: np.random.Generator, ranked_mean: float, draws: int = 100, same_number: bool = False,
+               selection_mean: float = 0.0) -> dict:
     """A cross_category output: 3 test prompts per category; each category's random sets drop its judged prompts by
-    N(0, 1) per draw; its ranked set by ``ranked_mean`` (+ noise, or one number for every category)."""
+    N(0, 1) per draw, its label-free selections by N(``selection_mean``, 1); its ranked set by ``ranked_mean``
+    (+ noise, or one number for every category)."""
     pcats = [c for c in CATS for _ in range(3)]
     judged = {a: off_category_prompts(pcats, a, 10) for a in CATS}
     common = rng.normal(ranked_mean, 1.0)
     ranked = {a: (np.full(len(pcats), common) if same_number else rng.normal(ranked_mean, 1.0, len(pcats))).tolist()
               for a in CATS}
     null = {a: rng.normal(0.0, 1.0, draws).tolist() for a in CATS}
+    selection = {a: rng.normal(selection_mean, 1.0, draws).tolist() for a in CATS}
     return {"categories": CATS, "prompt_categories": pcats, "judged": judged, "ranked": ranked, "null": null,
-            "random": {a: [0.0] * len(judged[a]) for a in CATS}}
+            "random": {a: [0.0] * len(judged[a]) for a in CATS}, "selection_null": selection}
 
 
 def _h3(cc: dict) -> float:
-    obs, null = substrate_statistic(cc)
-    return intersection_union_p({"random_head_sets": permutation_pvalue(obs, null, "greater").p_value})
+    return intersection_union_p(substrate_parts(cc)["parts"])
 
 
 def test_h3_holds_its_size_where_category_sets_are_random_sets():
@@ -164,6 +284,32 @@ def test_h3_eleven_categories_that_are_one_number_count_once():
 
 def test_h3_supports_sets_that_transfer_beyond_random():
     assert _h3(_substrate(np.random.default_rng(8), 1.5)) < ALPHA
+
+
+def test_h3_fails_sets_that_beat_random_heads_but_not_label_free_selections():
+    """Category sets of generically important heads (as on label-shuffled training data) beat the layer-matched
+    random draws but not the joint draws of label-free selections: NOT supported."""
+    parts = substrate_parts(_substrate(np.random.default_rng(14), 1.5, selection_mean=1.5))["parts"]
+    assert parts["random_head_sets"] < ALPHA and parts["selection_null"] >= ALPHA
+    assert intersection_union_p(parts) >= ALPHA
+
+
+def test_h3_supports_sets_that_beat_label_free_selections_too():
+    parts = substrate_parts(_substrate(np.random.default_rng(15), 1.5, selection_mean=0.3))["parts"]
+    assert parts["random_head_sets"] == parts["selection_null"] == pytest.approx(1 / 101)
+    assert intersection_union_p(parts) < ALPHA
+
+
+def test_h3_holds_its_size_where_category_sets_are_label_free_selections():
+    rng = np.random.default_rng(16)
+    # exchangeable: the ranked sets' drops are one more draw of the selections' (per category mean of 10 prompts of
+    # N(1.5, 1) vs a selection's mean drop N(1.5, 1 / sqrt(10)))
+    hits = 0
+    for _ in range(200):
+        cc = _substrate(rng, 1.5)
+        cc["selection_null"] = {a: rng.normal(1.5, 1 / math.sqrt(10), 100).tolist() for a in CATS}
+        hits += _h3(cc) < ALPHA
+    assert _rate_ok(hits, 200)
 
 
 def test_h3_helpers():

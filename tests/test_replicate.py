@@ -30,7 +30,7 @@ VERDICTS = {"supported", "NOT supported", "error", "not tested"}
 # nothing; what is checked is that every claim of every run arrives in the comparison
 TINY_SET = ["min_refusals=0", "gate_open=true", "n_random_primary=5", "n_probe_shuffles=10",
             "n_label_shuffles=10", "n_random_directions=3", "n_bootstrap=200", "n_random_curve=2",
-            "n_random_per_category=2", "n_substrate_prompts=3", "n_cov_directions=2", "n_shuffled_directions=2",
+            "n_random_per_category=2", "n_selection_null=2", "n_substrate_prompts=3", "n_cov_directions=2", "n_shuffled_directions=2",
             "n_control_prompts=3", "control_max_new_tokens=3", "n_random_addition=2", "max_new_tokens=4", "n_rank_pairs=6", "n_mean_prompts=6", "n_token_probes=6",
             "n_dim_train=6", "n_select_val=3", "length_probe_tokens=8"]
 

@@ -25,6 +25,7 @@ VERDICTS = {"supported", "NOT supported", "error", "not tested"}
 TINY_SET = ["--set", "min_refusals=0", "--set", "gate_open=true", "--set", "n_random_primary=5",
             "--set", "n_probe_shuffles=10", "--set", "n_label_shuffles=10", "--set", "n_random_directions=3",
             "--set", "n_bootstrap=200", "--set", "n_random_curve=2", "--set", "n_random_per_category=3",
+            "--set", "n_selection_null=3",
             "--set", "n_substrate_prompts=3", "--set", "n_cov_directions=2", "--set", "n_shuffled_directions=2",
             "--set", "n_control_prompts=3", "--set", "control_max_new_tokens=3", "--set", "n_random_addition=2"]
 
@@ -97,6 +98,13 @@ def test_suite_runs_on_a_tiny_model(pytester: pytest.Pytester, tiny_run):
     for c in prim:
         if c["p_value"] is not None and c["verdict"] != "not tested":
             assert c["p_adjusted"] is not None and c["p_adjusted"] >= c["p_value"]
+    parts = {c["hypothesis"]: c["numbers"]["p_parts"] for c in prim if c["hypothesis"] in ("H1", "H3")}
+    assert set(parts["H1"]) == {"random_head_sets", "prompts", "selection_null"}, parts  # the selection-matched null
+    assert set(parts["H3"]) == {"random_head_sets", "selection_null"}, parts
+    for c in prim:
+        if c["hypothesis"] in ("H1", "H3"):
+            assert c["numbers"]["n_selection_null"] == 3 and c["p_value"] == max(c["numbers"]["p_parts"].values())
+            assert "label-free selections" in c["null"], c["null"]
     for c in findings["claims"]:  # every claim says its role, family and correction (tests/test_verdicts.py)
         assert c["role"] == ("primary" if c["primary"] else "exploratory") and c["family"] and c["correction"], c["id"]
         if not c["primary"] and c["decided_on"] == "p_value" and c["verdict"] in ("supported", "NOT supported"):
