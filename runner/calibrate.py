@@ -29,7 +29,8 @@ rejection rate under each null against alpha.
    baseline's refusal rate is judged on the test split and is untouched by it); the non-refusing and random models
    to every primary. A primary is ``miscalibrated`` when, under any null that applies, the lower bound of its
    rejection rate's CI is above alpha; ``calibrated`` when at least one applicable null has runs with a verdict
-   and none is miscalibrated; ``not calibrated`` otherwise.
+   and none is miscalibrated; ``not calibrated`` otherwise. A null with too few runs to flag anything (at alpha
+   0.05 one run: even 1 of 1 supported has a CI lower bound of 0.025) is ``not calibrated``, never ``calibrated``.
 4. ``<out>/calibration.json`` (keyed by the model's sha256 and :func:`fixtures.config.config_hash` of the plan, so
    the main report can look up each primary's ``status``) and ``<out>/calibration.html`` (self-contained,
    plotly.js inlined): the table, the rates with CIs against alpha, and a QQ plot of each primary's p-values
@@ -268,10 +269,10 @@ def aggregate(results: Sequence[RunResult], nulls: Mapping[str, str], alpha: flo
             rate = rejection_rate(sum(v == "supported" for v in verdicts), len(judged), alpha)
             if not applies:
                 status = "not a null"
-            elif rate["n"] == 0:
-                status = "not calibrated"
-            elif rate["ci"][0] > alpha:
+            elif rate["n"] and rate["ci"][0] > alpha:
                 status = "miscalibrated"
+            elif flag_at(rate["n"], alpha) is None:  # too few runs: not even all of them supported would flag it
+                status = "not calibrated"
             else:
                 status = "calibrated"
             entry["nulls"][null] = {

@@ -85,7 +85,8 @@ def test_aggregate_flags_a_primary_that_always_passes() -> None:
     assert h1["status"] == "miscalibrated" and rows["H1"]["status"] == "miscalibrated"
     assert h1["flag_at"] == 3  # 3/10: CP lower bound 0.067 > 0.05; 2/10: 0.025
     assert rows["H1"]["nulls"]["non-refusing"]["flag_at"] is None  # 1 of 1 cannot flag anything
-    assert rows["H1"]["nulls"]["non-refusing"]["status"] == "calibrated"  # one null is enough to flag it
+    # one run cannot flag anything, so it calibrates nothing either (one null is enough to flag the primary)
+    assert rows["H1"]["nulls"]["non-refusing"]["status"] == "not calibrated"
 
     h2 = rows["H2"]["nulls"]["label-shuffle"]
     assert (h2["supported"], h2["n"], h2["raw"]["k"]) == (1, 10, 2)  # Holm decides; raw p < alpha beside it
@@ -97,7 +98,7 @@ def test_aggregate_flags_a_primary_that_always_passes() -> None:
     b = rows["baseline"]["nulls"]
     assert b["label-shuffle"]["applies"] is False and b["label-shuffle"]["status"] == "not a null"
     assert b["label-shuffle"]["supported"] == 10
-    assert b["non-refusing"]["applies"] and rows["baseline"]["status"] == "calibrated"
+    assert b["non-refusing"]["applies"] and rows["baseline"]["status"] == "not calibrated"  # 1 run: too few
 
     h4 = rows["H4"]
     assert h4["nulls"]["label-shuffle"]["n"] == 0 and h4["nulls"]["label-shuffle"]["verdicts"]["not tested"] == 10
@@ -115,7 +116,7 @@ def test_report_schema_on_synthetic_runs(tmp_path: Path) -> None:
     assert rep["model"]["sha256"] == "abc" and rep["alpha"] == ALPHA
     # the plan's hash ignores the switch that opens the gate: the nulls' config and the real run's match
     assert rep["config_hash"] == config_hash({"alpha": ALPHA, "gate_open": True}) == config_hash({"alpha": ALPHA})
-    assert [p["status"] for p in rep["primaries"]] == ["calibrated", "miscalibrated", "calibrated", "not calibrated"]
+    assert [p["status"] for p in rep["primaries"]] == ["not calibrated", "miscalibrated", "calibrated", "not calibrated"]
     assert set(rep["nulls"]) == {"label-shuffle", "non-refusing"}
     write_report(rep, tmp_path)
     assert json.loads((tmp_path / "calibration.json").read_text())["primaries"][1]["status"] == "miscalibrated"
