@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from mech import patching
+from mech.ablation import Ablation
 from mech.cache import DiskCache, code_version, make_key
 from mech.controls import ablation_scores as local_scores
 from mech.models import load_model
@@ -36,7 +37,6 @@ from mech.patching import PatchingError, PatchResult, as_pairs
 from mech.refusal import RefusalIdsError, check_refusal_ids
 
 if TYPE_CHECKING:
-    from mech.ablation import Ablation
     from mech.models import LoadedModel
     from mech.patching import PatchResult
 
