@@ -38,7 +38,6 @@ from mech.refusal import RefusalIdsError, check_refusal_ids
 
 if TYPE_CHECKING:
     from mech.models import LoadedModel
-    from mech.patching import PatchResult
 
 
 class DistributedError(RuntimeError):
