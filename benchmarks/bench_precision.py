@@ -127,7 +127,7 @@ def _cold_suite(tmp: Path, dtype: str, judge: str) -> dict[str, Any]:
     wall = time.perf_counter() - t0
     f = json.loads((reports / "findings.json").read_text())
     return {"wall_s": round(wall, 1), "fixture_s": f["run"].get("fixture_seconds", {}),
-            "verdicts": {k: v["verdict"] for k, v in f["findings"].items()}}
+            "verdicts": {c["id"]: c["verdict"] for c in f["claims"]}}
 
 
 def test_suite_verdicts_equal_across_precisions(benchmark: Any, tmp_path: Path) -> None:
