@@ -338,6 +338,24 @@ def test_the_precision_axis_runs_each_dtype(tmp_path: Path):
         assert "\n" not in str(e.value) and "float32,bfloat16" in str(e.value)
 
 
+def test_a_stamp_key_ignores_how_a_run_shows_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """MECH_NO_PROGRESS and MECH_VERDICT_EXIT change the display and the exit code, never a result: a run finished
+    with them is reused without them; an env var that changes what is computed (MECH_JUDGE) still changes the key."""
+    from runner.replicate.run import stamp_key
+    from runner.replicate.specs import plan_runs
+
+    run = plan_runs(["m"], ["pairs"])[0]
+    opts = {"cache_dir": tmp_path, "device": "cpu", "quantize": "none", "set": []}
+    for k in ("MECH_NO_PROGRESS", "MECH_VERDICT_EXIT", "MECH_JUDGE"):
+        monkeypatch.delenv(k, raising=False)
+    plain = stamp_key(run, opts, "c")
+    monkeypatch.setenv("MECH_NO_PROGRESS", "1")
+    monkeypatch.setenv("MECH_VERDICT_EXIT", "1")
+    assert stamp_key(run, opts, "c") == plain
+    monkeypatch.setenv("MECH_JUDGE", "none")
+    assert stamp_key(run, opts, "c") != plain
+
+
 def test_python_m_mech_replicate_hands_over_to_the_runner(tmp_path: Path):
     """The library's command line keeps ``replicate`` for its users by starting the runner in a new process (the
     library imports nothing above it): the same one-line refusal, before anything runs."""

@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 
 # the suite's run-selecting environment: each run gets its own through its options, never the caller's
 _RUN_ENV = ("MECH_MODEL", "MECH_PROMPTS", "MECH_EVAL_PROMPTS", "MECH_REPORTS_DIR")
+# how a run shows itself, never what it computes: outside a stamp's key (a calibration started with
+# MECH_NO_PROGRESS=1 was otherwise not reused by the same command without it)
+_DISPLAY_ENV = ("MECH_NO_PROGRESS", "MECH_VERDICT_EXIT")
 
 
 @dataclass
@@ -133,7 +136,8 @@ def preflight(spec: RunSpec, opts: dict[str, Any], work: Path) -> list[str]:
 def stamp_key(spec: RunSpec, opts: dict[str, Any], code: str) -> str:
     """The key of a finished run's stamp: its inputs (model and prompt files by content), options, ``MECH_*``
     environment and ``code`` (:func:`code_hash`). A run is reused only under the same key."""
-    env = {k: v for k, v in sorted(os.environ.items()) if k.startswith("MECH_") and k not in _RUN_ENV}
+    env = {k: v for k, v in sorted(os.environ.items())
+           if k.startswith("MECH_") and k not in _RUN_ENV and k not in _DISPLAY_ENV}
     blob = json.dumps({"model": spec.model, "model_fp": _model_fingerprint(spec.model), "prompts": spec.prompts,
                        "prompts_fp": _prompts_fingerprint(spec.prompts), "set": list(opts["set"]),
                        **({"extra": list(spec.extra)} if spec.extra else {}),
