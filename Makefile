@@ -91,7 +91,7 @@ endif
 	$(REPLICATE)
 
 # the primary claims where there is nothing to find → reports/calibration.html, reports/calibration.json: the real
-# run, CALIBRATE_SHUFFLES label-shuffled runs of $(MODEL) and the non-refusing smollm2-135m-instruct, each with the
+# run, CALIBRATE_SHUFFLES label-shuffled runs of $(MODEL) and the non-refusing smollm2-135m-instruct on 5 prompt splits, each with the
 # refusal gate held open; per primary its rejection rate under each null against alpha. A killed calibration
 # resumes: re-run `make calibrate` (also in a later session, with the same cache and code).
 # `make calibrate CALIBRATE_ARGS=--plan` prints the runs and the suite's plan without running anything.

@@ -15,7 +15,8 @@ rejection rate under each null against alpha.
      so rankings, ablation means, the direction and the probes are found on noise; the test split is judged as
      usual. The instruments (refusal token set, coherence calibration) keep the true labels, so the baseline
      generations, their grades, the coherence calibration and the model are shared through the cache;
-   * ``non-refusing``: a model that does not refuse (``smollm2-135m-instruct``), true labels, gate open;
+   * ``non-refusing``: a model that does not refuse (``smollm2-135m-instruct``), true labels, gate open, on S prompt
+     splits (``--non-refusing-splits``, ``split_seed`` 0..S-1; one run of a deterministic model is one draw);
    * ``random-init`` (optional): a copy of the model's architecture with random weights (:func:`random_init_copy`).
 
 2. A finished run leaves a stamp keyed by its inputs and the code (as in :mod:`runner.replicate`): a killed or
@@ -107,12 +108,13 @@ log = logging.getLogger(__name__)
 SUBDIR = "calibration"
 NON_REFUSING = "smollm2-135m-instruct"
 DEFAULT_SHUFFLES = 20
+DEFAULT_NON_REFUSING_SPLITS = 5
 GATE_OPEN = "gate_open=true"
 NULLS = {
     "label-shuffle": "the model with the harmful/harmless labels of each train and validation pair swapped by a "
                      "seeded coin (--shuffle-labels SEED): selection and training on noise, the test split judged "
                      "as usual",
-    "non-refusing": "a model that does not refuse, with its true labels",
+    "non-refusing": "a model that does not refuse, with its true labels, on S prompt splits (split_seed 0..S-1)",
     "random-init": "the model's architecture with random weights",
 }
 STATUS = ("calibrated", "miscalibrated", "not calibrated")
@@ -128,7 +130,7 @@ class CalRun:
 
     spec: RunSpec
     null: str  # "real" | a key of NULLS
-    seed: int | None = None  # the label-shuffle seed
+    seed: int | None = None  # the label-shuffle seed, or the non-refusing run's split_seed
     gate_open: bool = True
 
 
@@ -137,11 +139,18 @@ class CalRun:
 
 def plan_calibration(model: str, prompts: str = DEFAULT_PROMPTS, shuffles: int = DEFAULT_SHUFFLES,
                      non_refusing: str | None = NON_REFUSING, random_init: str | None = None,
-                     dtype: str = "auto") -> list[CalRun]:
-    """The runs in order: the real run, the ``shuffles`` label shuffles (seeds 1..K), the non-refusing model, the
-    random-init copy (a prepared model dir, see :func:`random_init_copy`) when given."""
+                     dtype: str = "auto", non_refusing_splits: int = DEFAULT_NON_REFUSING_SPLITS) -> list[CalRun]:
+    """The runs in order: the real run, the ``shuffles`` label shuffles (seeds 1..K), the non-refusing model on
+    ``non_refusing_splits`` prompt splits (``split_seed`` 0, the suite's default, then 1..S-1), the random-init copy
+    (a prepared model dir, see :func:`random_init_copy`) when given.
+
+    One run of a deterministic model is one draw of its null: its rate could never be flagged (1 of 1 supported
+    has a Clopper-Pearson lower bound of 0.025 < alpha). Each split seed re-draws which pairs train, select and
+    judge, so the non-refusing null gets S draws (at S = 5, two ``supported`` flag it)."""
     if shuffles < 0:
         raise CalibrationError(f"--shuffles must be ≥ 0, got {shuffles}")
+    if non_refusing_splits < 1:
+        raise CalibrationError(f"--non-refusing-splits must be ≥ 1, got {non_refusing_splits}")
 
     def spec(rid: str, m: str, extra: tuple[str, ...] = ()) -> RunSpec:
         return RunSpec(rid, m, prompts, model_label(m), "pairs" if prompts == DEFAULT_PROMPTS else Path(prompts).stem,
@@ -152,7 +161,10 @@ def plan_calibration(model: str, prompts: str = DEFAULT_PROMPTS, shuffles: int =
     runs += [CalRun(spec(f"shuffle-{s:0{width}d}", model, ("--shuffle-labels", str(s))), "label-shuffle", seed=s)
              for s in range(1, shuffles + 1)]
     if non_refusing:
-        runs.append(CalRun(spec(f"non-refusing__{slug(model_label(non_refusing))}", non_refusing), "non-refusing"))
+        nr = f"non-refusing__{slug(model_label(non_refusing))}"
+        runs.append(CalRun(spec(nr, non_refusing), "non-refusing"))  # split_seed 0: the id of a one-split plan
+        runs += [CalRun(spec(f"{nr}__split-{s:02d}", non_refusing, ("--set", f"split_seed={s}")), "non-refusing",
+                        seed=s) for s in range(1, non_refusing_splits)]
     if random_init:
         runs.append(CalRun(spec("random-init", random_init), "random-init"))
     return runs
@@ -490,7 +502,8 @@ def calibrate(model: str, prompts: str = DEFAULT_PROMPTS, shuffles: int = DEFAUL
               non_refusing: str | None = NON_REFUSING, random_init: bool = False, set_items: Sequence[str] = (),
               out: str | Path = "reports", cache_dir: str | Path | None = None, device: str = "auto",
               dtype: str = "auto", quantize: str = "none", force: bool = False, plan_only: bool = False,
-              progress: bool = True, command: Sequence[str] = ()) -> dict[str, Any] | None:
+              progress: bool = True, command: Sequence[str] = (),
+              non_refusing_splits: int = DEFAULT_NON_REFUSING_SPLITS) -> dict[str, Any] | None:
     """Run (or resume) the calibration and write its report; returns what ``calibration.json`` holds (None with
     ``plan_only``). Raises :class:`CalibrationError` (one line) for bad input, before any run."""
 
@@ -504,6 +517,12 @@ def calibrate(model: str, prompts: str = DEFAULT_PROMPTS, shuffles: int = DEFAUL
                                "each run's shuffle)")
     if any(i.split("=", 1)[0].strip().replace("-", "_") == "gate_open" for i in set_items):
         raise CalibrationError("--set gate_open: the calibration opens the gate itself on every null run")
+    if non_refusing_splits < 1:
+        raise CalibrationError(f"--non-refusing-splits must be ≥ 1, got {non_refusing_splits}")
+    if non_refusing and non_refusing_splits > 1 and any(
+            i.split("=", 1)[0].strip().replace("-", "_") == "split_seed" for i in set_items):
+        raise CalibrationError("--set split_seed with --non-refusing-splits > 1: the non-refusing runs choose their "
+                               "own split seeds; use --non-refusing-splits 1 to fix the split")
     models = [model] + ([non_refusing] if non_refusing else [])
     try:
         check_inputs(models, [prompts], cache)
@@ -520,7 +539,8 @@ def calibrate(model: str, prompts: str = DEFAULT_PROMPTS, shuffles: int = DEFAUL
     rand_dir = None
     if random_init:
         rand_dir = cache / "models" / f"{slug(model_label(model))}-random-init-seed0"
-    runs = plan_calibration(model, prompts, shuffles, non_refusing, str(rand_dir) if rand_dir else None, dtype)
+    runs = plan_calibration(model, prompts, shuffles, non_refusing, str(rand_dir) if rand_dir else None, dtype,
+                            non_refusing_splits)
     if plan_only:
         _print_plan(runs, base, out, code)
         return None
@@ -554,6 +574,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--prompts", default=DEFAULT_PROMPTS, help="prompt file (JSON/CSV) or 'pairs' (the project's)")
     ap.add_argument("--shuffles", type=int, default=DEFAULT_SHUFFLES, help="label shuffles K (seeds 1..K)")
     ap.add_argument("--non-refusing", default=NON_REFUSING, help="the non-refusing model; 'none' to leave it out")
+    ap.add_argument("--non-refusing-splits", type=int, default=DEFAULT_NON_REFUSING_SPLITS,
+                    help="runs of the non-refusing model, each on another prompt split (split_seed 0..S-1)")
     ap.add_argument("--random-init", action="store_true", help="also a random-weight copy of --model's architecture")
     ap.add_argument("--set", dest="set_items", action="append", default=[], metavar="NAME=VALUE",
                     help="override a suite configuration field in every run (repeatable)")
@@ -573,7 +595,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rep = calibrate(args.model, args.prompts, args.shuffles, nr, args.random_init, args.set_items, args.out,
                         args.cache_dir, args.device, args.dtype, args.quantize, args.force, args.plan,
                         not args.no_progress and not os.environ.get("MECH_NO_PROGRESS"),
-                        ["python", "-m", "runner", "calibrate", *(sys.argv[2:] if argv is None else argv)])
+                        ["python", "-m", "runner", "calibrate", *(sys.argv[2:] if argv is None else argv)],
+                        args.non_refusing_splits)
     except ReplicationError as e:
         sys.stderr.write(f"error: {e}\n")
         return 2

@@ -19,7 +19,15 @@ from scipy.stats import binomtest
 
 from fixtures.config import config_hash
 from fixtures.tiny_models import build_tiny_model
-from runner.calibrate import STATUS, CalRun, aggregate, build_report, plan_calibration, write_report
+from runner.calibrate import (
+    STATUS,
+    CalibrationError,
+    CalRun,
+    aggregate,
+    build_report,
+    plan_calibration,
+    write_report,
+)
 from runner.replicate.run import RunResult
 from runner.replicate.specs import RunSpec
 from tests.helpers import small_prompt_file
@@ -125,12 +133,27 @@ def test_report_schema_on_synthetic_runs(tmp_path: Path) -> None:
 
 
 def test_plan_runs() -> None:
-    runs = plan_calibration("m", shuffles=3, non_refusing="smollm2-135m-instruct", random_init="/x/rand")
+    runs = plan_calibration("m", shuffles=3, non_refusing="smollm2-135m-instruct", random_init="/x/rand",
+                            non_refusing_splits=1)
     assert [c.spec.id for c in runs] == ["real", "shuffle-01", "shuffle-02", "shuffle-03",
                                          "non-refusing__smollm2-135m-instruct", "random-init"]
     assert [c.gate_open for c in runs] == [False, True, True, True, True, True]
     assert runs[2].spec.extra == ("--shuffle-labels", "2") and runs[2].seed == 2
     assert runs[-1].spec.model == "/x/rand"
+
+
+def test_plan_draws_the_non_refusing_null_on_several_splits() -> None:
+    """One run of a deterministic model could never flag its null (1/1 has CI lower bound 0.025): S split seeds
+    make S draws, the first keeping the one-split id (its stamp stays valid)."""
+    runs = plan_calibration("m", shuffles=1, non_refusing="smollm2-135m-instruct", non_refusing_splits=3)
+    nr = [c for c in runs if c.null == "non-refusing"]
+    assert [c.spec.id for c in nr] == ["non-refusing__smollm2-135m-instruct",
+                                       "non-refusing__smollm2-135m-instruct__split-01",
+                                       "non-refusing__smollm2-135m-instruct__split-02"]
+    assert [c.spec.extra for c in nr] == [(), ("--set", "split_seed=1"), ("--set", "split_seed=2")]
+    assert all(c.gate_open for c in nr) and [c.seed for c in nr] == [None, 1, 2]
+    with pytest.raises(CalibrationError, match="--non-refusing-splits"):
+        plan_calibration("m", non_refusing_splits=0)
 
 
 def test_shuffled_sides_for_a_behaviour_filter() -> None:
@@ -172,6 +195,7 @@ def test_random_init_copy(tmp_path: Path) -> None:
 
 def test_bad_input_is_one_line(tmp_path: Path) -> None:
     for args, needle in ((["--shuffles", "-1"], "--shuffles"), (["--set", "gate_open=true"], "gate_open"),
+                         (["--non-refusing-splits", "0"], "--non-refusing-splits"),
                          (["--model", str(tmp_path / "nope")], "nope")):
         p = subprocess.run([sys.executable, "-m", "runner", "calibrate", "--out", str(tmp_path), "--non-refusing",
                             "none", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
