@@ -90,6 +90,7 @@ from runner.replicate.run import (
     pytest_args,
     run_one,
     stamp_key,
+    stop_like_ctrl_c,
     usage_error,
 )
 from runner.replicate.specs import (
@@ -589,6 +590,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                         "of each kind of run, run nothing")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
+    stop_like_ctrl_c()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     nr = None if args.non_refusing.strip().lower() in ("", "none") else args.non_refusing
     try:

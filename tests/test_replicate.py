@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from html.parser import HTMLParser
 from pathlib import Path
@@ -354,6 +355,45 @@ def test_a_stamp_key_ignores_how_a_run_shows_itself(tmp_path: Path, monkeypatch:
     assert stamp_key(run, opts, "c") == plain
     monkeypatch.setenv("MECH_JUDGE", "none")
     assert stamp_key(run, opts, "c") != plain
+
+
+def test_kill_stops_the_runner_and_its_suite_run(tmp_path: Path):
+    """``kill PID`` (SIGTERM) of a runner, started as a background job ignores SIGINT, stops it as Ctrl-C does: the
+    suite run it waits on gets SIGINT and exits, no orphan goes on writing into the run folder, the runner exits
+    130 and the stamp is not written (the run is re-run next time)."""
+    pidfile = tmp_path / "child.pid"
+    script = textwrap.dedent(f"""
+        import signal, sys
+        from pathlib import Path
+        import runner.replicate.run as r
+        from runner.replicate.specs import plan_runs
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a shell starts a background job
+        r.stop_like_ctrl_c()
+        r.pytest_args = lambda spec, opts, extra=(): [sys.executable, "-c",
+            "import os, time; open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(120)"]
+        opts = {{"cache_dir": {str(tmp_path)!r}, "device": "cpu", "quantize": "none", "set": []}}
+        try:
+            r.run_one(plan_runs(["m"], ["pairs"])[0], opts, Path({str(tmp_path)!r}), "c")
+        except KeyboardInterrupt:
+            sys.exit(130)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    deadline = time.monotonic() + 60
+    while not (pidfile.is_file() and pidfile.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    child = int(pidfile.read_text())
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 130
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the suite run {child} outlived its runner")
+    assert not list(tmp_path.glob("replication/*/run.json"))
 
 
 def test_python_m_mech_replicate_hands_over_to_the_runner(tmp_path: Path):

@@ -27,6 +27,7 @@ from runner.replicate.run import (
     prepare_models,
     report_page,
     run_one,
+    stop_like_ctrl_c,
     usage_error,
 )
 from runner.replicate.specs import (
@@ -164,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m runner replicate [options]``: exit 0 when every cell has a verdict, 1 when any is an error,
     2 for bad input (one ``error:`` line), 130 when interrupted (finished runs and cached sweeps are kept)."""
     args = parser().parse_args(argv)
+    stop_like_ctrl_c()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     models = [s.strip() for s in args.models.split(",") if s.strip()]
     prompts = [s.strip() for s in args.prompts.split(",") if s.strip()]

@@ -166,6 +166,19 @@ def _last_line(path: Path) -> str:
     return (err[-1] if err else lines[-1] if lines else "")[:300]
 
 
+def stop_like_ctrl_c() -> None:
+    """Make SIGTERM (``kill PID``) and SIGINT stop a runner as Ctrl-C does: the running suite gets SIGINT, writes
+    its partial report and exits, and the runner exits 130, so no orphaned suite run goes on writing into a run
+    folder that the next invocation will reuse. SIGINT is restored too, since a shell ignores it in background
+    jobs (``make calibrate &``)."""
+
+    def _raise(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, _raise)
+    signal.signal(signal.SIGINT, _raise)
+
+
 def run_one(spec: RunSpec, opts: dict[str, Any], out: Path, code: str, force: bool = False,
             subdir: str = "replication") -> RunResult:
     """One suite run of the primary claims in a subprocess (or its stamp, when it already finished with the
