@@ -116,6 +116,10 @@ def binomial_rate(
 
     ``k`` may be a sequence of booleans (then ``n`` is its length). ``method``: ``exact`` (Clopper–Pearson),
     ``wilson`` or ``wilsoncc``.
+
+    >>> r = binomial_rate(97, 121)
+    >>> round(r.rate, 3), round(r.low, 3), round(r.high, 3)
+    (0.802, 0.719, 0.869)
     """
     if not isinstance(k, (int, np.integer)):
         flags = [bool(x) for x in k]
@@ -152,6 +156,12 @@ def mcnemar_exact(
 
     ``alternative="greater"`` tests that True→False flips (``b``) outnumber False→True flips (``c``).
     With no discordant pair the p-value is 1.
+
+    >>> before = [True] * 10 + [False] * 2  # refused before the intervention
+    >>> after = [False] * 8 + [True] * 2 + [False] * 2
+    >>> r = mcnemar_exact(before, after, alternative="greater")
+    >>> r.b, r.c, round(r.p_value, 4)
+    (8, 0, 0.0039)
     """
     if len(before) != len(after):
         raise ValueError(f"mcnemar_exact needs paired outcomes, got {len(before)} and {len(after)}")
@@ -217,7 +227,11 @@ class AdjustedPValues(_Dict):
 
 
 def holm(p_values: Sequence[float]) -> np.ndarray:
-    """Holm step-down adjusted p-values (family-wise error), in the input order."""
+    """Holm step-down adjusted p-values (family-wise error), in the input order.
+
+    >>> holm([0.01, 0.04, 0.03]).round(3).tolist()
+    [0.03, 0.06, 0.06]
+    """
     p = np.asarray(list(p_values), dtype=float)
     m = p.size
     if m == 0:
@@ -285,7 +299,12 @@ class AurocResult(_Dict):
 
 def auroc(pos_scores: Sequence[float], neg_scores: Sequence[float]) -> AurocResult:
     """AUROC = U / (n_pos n_neg) from one Mann–Whitney U test (:func:`scipy.stats.mannwhitneyu`), with its
-    two-sided p-value."""
+    two-sided p-value.
+
+    >>> r = auroc([0.9, 0.8, 0.4], [0.5, 0.1, 0.2])
+    >>> round(r.auroc, 3), r.n_pos, r.n_neg
+    (0.889, 3, 3)
+    """
     pos, neg = [float(x) for x in pos_scores], [float(x) for x in neg_scores]
     if not pos or not neg:
         return AurocResult(math.nan, math.nan, len(pos), len(neg))
@@ -413,7 +432,13 @@ def intersection_union_p(parts: Mapping[str, float], gates: Mapping[str, bool] |
     "the direction passed the selection filters") is False, when a part is NaN or None (a test that could not be
     computed never supports a claim), and when there are no parts. Rejecting at alpha when this p < alpha keeps
     the claim's size at alpha without a multiplicity correction, because the claim's null is the union of the
-    parts' nulls."""
+    parts' nulls.
+
+    >>> intersection_union_p({"sets": 0.0099, "prompts": 0.0015, "selections": 0.208})
+    0.208
+    >>> intersection_union_p({"sets": 0.0099}, gates={"passed the filters": False})
+    1.0
+    """
     if gates is not None and not all(bool(g) for g in gates.values()):
         return 1.0
     if not parts:
