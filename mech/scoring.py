@@ -28,8 +28,9 @@ from mech.ablation import ablate
 from mech.refusal import refusal_log_odds
 
 if TYPE_CHECKING:
-    from mech.ablation import AblationMethod, MeanActivations, MeanMode
+    from mech.ablation import MeanActivations
     from mech.components import Component
+    from mech.interventions import AblationMethod, MeanMode
     from mech.models import LoadedModel
 
 Phase = Literal["prefix", "rest"]

@@ -57,28 +57,27 @@ end-aligns that prompt's real tokens. Chat templates make every prompt far longe
 
 from __future__ import annotations
 
-import operator
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mech.ablation import unit_masks
 from mech.components import Component, as_component, check_component
 from mech.evaluation import first_token_kl
-from mech.hooks import HookFn, HookPoint, hook_name
+from mech.hooks import HookFn
+from mech.interventions import Ablate, AblationRows, AddVector, DirectionRows, ProjectOut
 from mech.patching.engine import Engine, PrefixKV, Work
 from mech.refusal import check_refusal_ids, refusal_log_odds
 from mech.scoring import shared_prefix_len
-from mech.vectors import as_vector
 
 if TYPE_CHECKING:
-    from mech.ablation import AblationMethod, MeanActivations, MeanMode
+    from mech.ablation import MeanActivations
+    from mech.interventions import AblationMethod, MeanMode
     from mech.models import LoadedModel
 
 __all__ = ["MIN_REST", "DirectionSetScores", "ablation_set_scores", "direction_set_scores"]
@@ -270,17 +269,6 @@ def _run_sets(eng: Engine, cl: _Clean, first: list[int], make_hooks: MakeHooks,
 # ---------------------------------------------------------------------------------------- ablation sets
 
 
-def _ablation_hook(mask: Tensor, rep: Tensor, idx: Tensor | None = None) -> HookFn:
-    """Per-row ablation: ``mask [B, *feat]`` (rows in join order); the replacement is ``rep`` (broadcast: a
-    scalar or ``[*feat]``) or, with ``idx [B, W]``, ``rep[idx]`` (``rep``: a table ``[n_rows, *feat]``)."""
-
-    def fn(x: Tensor, hook: HookPoint) -> Tensor:  # x: [n, W, *feat], the rows that have joined so far
-        n = x.shape[0]
-        return torch.where(mask[:n].unsqueeze(1), rep if idx is None else rep[idx[:n]], x)
-
-    return fn
-
-
 @torch.inference_mode()
 def ablation_set_scores(
     lm: LoadedModel,
@@ -314,8 +302,10 @@ def ablation_set_scores(
         return refusal_log_odds(logits, rids)
 
     seqs = lm.encode_chat(list(prompts))
-    first = [min((c.layer for c in s), default=n_layers) for s in comp_sets]
-    masks = [unit_masks(lm, s) for s in comp_sets]  # per set: {hook name: bool [*feat]}
+    ablations = [Ablate(tuple(c), method, means, mode) for c in comp_sets]
+    first = [a.first_layer(n_layers) for a in ablations]
+    # per-row hooks: the prefix rows and mode="averaged" take the all-token mean, rest rows their end-aligned means
+    row_hooks = AblationRows(lm, ablations, dev, dtype)
 
     # 1. the clean run: prefix row (its K/V and residuals) and every prompt's rest (residuals, clean scores)
     clean = torch.empty(len(seqs))
@@ -326,44 +316,11 @@ def ablation_set_scores(
     cl = _clean_run(eng, seqs, {f for f in first if f < n_layers}, max_rows, take_clean)
     out = clean.expand(len(comp_sets), len(seqs)).clone()  # empty sets keep the clean scores
 
-    # replacement tables: [1 + n_end, *feat] (row 0: the all-token mean; 1..n_end: the end-aligned means)
-    tables: dict[str, Tensor] = {}
-
-    def table(name: str) -> Tensor:
-        if name not in tables:
-            assert means is not None
-            parts = [means.averaged[name][None]] + ([means.end_aligned[name]] if mode == "end_aligned" else [])
-            tables[name] = torch.cat(parts).to(device=dev, dtype=dtype)
-        return tables[name]
-
-    def fwd_hooks(set_idx: list[int], row_sets: Tensor, row_lens: Tensor | None, W: int) -> list[tuple[str, HookFn]]:
-        """Hooks for rows whose sets are ``set_idx[row_sets]``; the prefix rows (``row_lens`` None) and
-        ``mode="averaged"`` take the all-token mean (table row 0), rest rows their end-aligned table rows."""
-        idx = None
-        if row_lens is not None and method == "mean" and mode == "end_aligned":
-            assert means is not None
-            e = torch.arange(W, device=dev)[None] - (row_lens[:, None] - means.n_end)  # [B, W]
-            real = torch.arange(W, device=dev)[None] < row_lens[:, None]
-            idx = torch.where((e >= 0) & real, e + 1, 0)
-        names = sorted({n for s in set_idx for n in masks[s]})
-        hs: list[tuple[str, HookFn]] = []
-        for name in names:
-            feat = next(masks[s][name] for s in set_idx if name in masks[s])
-            per_set = torch.stack([masks[s].get(name, torch.zeros_like(feat)) for s in set_idx]).to(dev)
-            m = per_set.index_select(0, row_sets)  # [B, *feat]
-            if method == "zero":
-                hs.append((name, _ablation_hook(m, torch.zeros((), device=dev, dtype=dtype))))
-            elif idx is None:
-                hs.append((name, _ablation_hook(m, table(name)[0])))
-            else:
-                hs.append((name, _ablation_hook(m, table(name), idx)))
-        return hs
-
     def take(final: Tensor, set_ids: Tensor, prompt_ids: Tensor) -> None:
         out[set_ids, prompt_ids] = eng.logits_metric(final, metric, False)[0].cpu()
 
     # 2.-4. the sets, in groups of max_rows sets ordered by first layer (the staircase)
-    _run_sets(eng, cl, first, fwd_hooks, take, max_rows, "ablation sets", progress)
+    _run_sets(eng, cl, first, row_hooks.hooks, take, max_rows, "ablation sets", progress)
     eng.work.seconds += time.perf_counter() - t0
     if work is not None:
         work.add(eng.work)
@@ -371,15 +328,6 @@ def ablation_set_scores(
 
 
 # ------------------------------------------------------------------------------- direction interventions
-
-ABLATED_KINDS = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out")  # directional_ablation's hook points, per layer
-
-
-class _DirIv(NamedTuple):
-    kind: Literal["ablate", "add"]
-    vector: Tensor  # float64 CPU [d_model]: the unit direction (ablate) or the steering vector (add)
-    layer: int  # the first changed layer: 0 for ablate
-
 
 @dataclass
 class DirectionSetScores:
@@ -395,7 +343,7 @@ class DirectionSetScores:
 
 
 def _check_directions(lm: LoadedModel, prompts: Sequence[str], refusal_ids: Sequence[int],
-                      interventions: Sequence[Any], max_rows: int) -> list[_DirIv]:
+                      interventions: Sequence[Any], max_rows: int) -> list[ProjectOut | AddVector]:
     """Every input checked before any forward: one-line ValueErrors."""
     if not prompts or isinstance(prompts, str):
         raise ValueError("direction_set_scores needs at least one prompt (a list of strings)")
@@ -408,8 +356,7 @@ def _check_directions(lm: LoadedModel, prompts: Sequence[str], refusal_ids: Sequ
     if int(max_rows) < 1:
         raise ValueError(f"max_rows must be at least 1, got {max_rows}")
     check_refusal_ids(refusal_ids, lm.shape.d_vocab)
-    n_layers = lm.shape.n_layers
-    out: list[_DirIv] = []
+    out: list[ProjectOut | AddVector] = []
     for i, iv in enumerate(interventions):
         if not isinstance(iv, (tuple, list)) or not iv or not isinstance(iv[0], str):
             raise ValueError(f"intervention {i}: {type(iv).__name__} is not ('ablate', direction) or "
@@ -420,54 +367,20 @@ def _check_directions(lm: LoadedModel, prompts: Sequence[str], refusal_ids: Sequ
                 raise ValueError(f"intervention {i}: ('ablate', direction) takes one direction, got {len(iv) - 1} "
                                  "items")
             try:
-                r = as_vector(lm, iv[1], "direction")
+                out.append(ProjectOut.of(lm, iv[1]))
             except ValueError as e:
                 raise ValueError(f"intervention {i}: {e}") from None
-            norm = r.norm()
-            if not norm > 0:
-                raise ValueError(f"intervention {i}: the direction must be a finite non-zero vector")
-            out.append(_DirIv("ablate", r / norm, 0))  # as mech.directions normalizes it
         elif kind == "add":
             if len(iv) != 3:
                 raise ValueError(f"intervention {i}: ('add', vector, layer) takes a vector and a layer, got "
                                  f"{len(iv) - 1} items")
             try:
-                vec = as_vector(lm, iv[1], "steering vector")
+                out.append(AddVector.of(lm, iv[1], iv[2]))
             except ValueError as e:
                 raise ValueError(f"intervention {i}: {e}") from None
-            try:
-                layer = operator.index(iv[2]) if not isinstance(iv[2], bool) else None
-            except TypeError:
-                layer = None
-            if layer is None:
-                raise ValueError(f"intervention {i}: the layer must be an integer layer index, got {iv[2]!r}")
-            if not 0 <= layer < n_layers:
-                raise ValueError(f"intervention {i}: layer {layer} out of range: the model has {n_layers} layers "
-                                 f"(0..{n_layers - 1})")
-            out.append(_DirIv("add", vec, layer))
         else:
             raise ValueError(f"intervention {i}: unknown kind {kind!r}; use 'ablate' or 'add'")
     return out
-
-
-def _projection_hook(r: Tensor) -> HookFn:
-    """Per-row directional ablation, ``x <- x - (x . r) r`` with ``r [B, d_model]`` (rows in join order; a zero
-    row leaves its row exactly unchanged)."""
-
-    def fn(x: Tensor, hook: HookPoint) -> Tensor:  # x: [n, W, d_model]
-        rr = r[: x.shape[0]]
-        return x - torch.bmm(x, rr[:, :, None]) * rr[:, None, :]
-
-    return fn
-
-
-def _addition_hook(v: Tensor) -> HookFn:
-    """Per-row activation addition, ``x <- x + v`` with ``v [B, d_model]`` (a zero row: no change)."""
-
-    def fn(x: Tensor, hook: HookPoint) -> Tensor:
-        return x + v[: x.shape[0], None, :]
-
-    return fn
 
 
 @torch.inference_mode()
@@ -508,10 +421,8 @@ def direction_set_scores(
     rids = torch.as_tensor(check_refusal_ids(refusal_ids, lm.shape.d_vocab), device=dev)
     seqs = lm.encode_chat(list(prompts))
     n_prompts = len(seqs)
-    first = [iv.layer for iv in ivs]
-    vecs = torch.stack([iv.vector for iv in ivs]).to(device=dev, dtype=dtype)  # as the hooks cast them
-    ablate = torch.tensor([iv.kind == "ablate" for iv in ivs], device=dev)
-    layer_of = torch.tensor([iv.layer for iv in ivs], device=dev)
+    first = [iv.first_layer(n_layers) for iv in ivs]
+    row_hooks = DirectionRows(ivs, n_layers, dev, dtype)
 
     clean = torch.empty(n_prompts)
     clean_logits = torch.empty(n_prompts, lm.shape.d_vocab, device=dev) if kl else None
@@ -528,20 +439,6 @@ def direction_set_scores(
 
     cl = _clean_run(eng, seqs, set(first), max_rows, take_clean)
 
-    def fwd_hooks(set_idx: list[int], row_sets: Tensor, row_lens: Tensor | None, W: int) -> list[tuple[str, HookFn]]:
-        """Hooks for rows whose interventions are ``set_idx[row_sets]``: one projection (per-row directions,
-        zero for the addition rows) at every ablated hook point, one addition (per-row vectors, zero for rows
-        adding elsewhere or ablating) at ``resid_pre`` of each layer some row adds at."""
-        idx = torch.tensor(set_idx, device=dev).index_select(0, row_sets)  # [B] intervention per row
-        hs: list[tuple[str, HookFn]] = []
-        if bool(ablate[idx].any()):
-            project = _projection_hook(torch.where(ablate[idx, None], vecs[idx], 0))
-            hs += [(hook_name(L, k), project) for L in range(n_layers) for k in ABLATED_KINDS]
-        for L in sorted({int(x) for x in layer_of[idx][~ablate[idx]].tolist()}):
-            adds = ~ablate[idx] & (layer_of[idx] == L)
-            hs.append((hook_name(L, "hook_resid_pre"), _addition_hook(torch.where(adds[:, None], vecs[idx], 0))))
-        return hs
-
     def take(final: Tensor, set_ids: Tensor, prompt_ids: Tensor) -> None:
         for a in range(0, final.shape[0], UNEMBED_ROWS):
             s, p = set_ids[a : a + UNEMBED_ROWS], prompt_ids[a : a + UNEMBED_ROWS]
@@ -551,7 +448,7 @@ def direction_set_scores(
                 assert clean_logits is not None
                 kls[s, p] = first_token_kl(clean_logits[p.to(dev)], logits).cpu()
 
-    _run_sets(eng, cl, first, fwd_hooks, take, max_rows, "direction interventions", progress)
+    _run_sets(eng, cl, first, row_hooks.hooks, take, max_rows, "direction interventions", progress)
     eng.work.seconds += time.perf_counter() - t0
     if work is not None:
         work.add(eng.work)
