@@ -69,9 +69,9 @@ import torch
 from mech.ablation import MeanActivations, mean_activations
 from mech.components import random_components
 from mech.directions import activation_addition, diff_in_means, directional_ablation
+from mech.engine import Work
 from mech.evaluation import first_token_kl
 from mech.models import LoadedModel
-from mech.patching import Work
 from mech.prompts import default_pairs
 from mech.refusal import refusal_log_odds
 from mech.scoring import (

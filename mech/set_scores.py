@@ -30,7 +30,7 @@ How (one driver, :func:`_run_sets`, for both kinds):
 3. **Interventions are rows of one batch** (row = intervention x prompt) with per-row tensors in the hooks
    (unit masks, replacement means, directions, steering vectors; a row another hook does not concern gets an
    exact no-op: a false mask, a zero direction, a zero vector), rows joining at their own first layer
-   (:meth:`mech.patching.engine.Engine.run`'s staircase), chunked by ``max_rows``. Prompts of similar rest
+   (:meth:`mech.engine.Engine.run`'s staircase), chunked by ``max_rows``. Prompts of similar rest
    length share a chunk (little padding). End-aligned means go to each rest row's last ``means.n_end`` real
    tokens, as :meth:`~mech.ablation.MeanActivations.replacement` does for the rest forward of the hook loop
    (whose left padding puts the real last tokens last).
@@ -47,8 +47,8 @@ all).
 Written here rather than taken from a library because none batches *interventions* as rows over cached
 clean activations: TransformerLens and nnsight run one intervention per forward (a batch holds prompts, not
 interventions), and transformers' KV cache cannot give each row its own prefix K/V from a mid-network start.
-The pieces are the patching engine's (:class:`~mech.patching.engine.Engine`: ``run``, its prefix cache,
-``unembed``, the :class:`~mech.patching.engine.Work` counter).
+The pieces are the partial-forward engine's (:class:`~mech.engine.Engine`, which patching runs on too: ``run``,
+its prefix cache, ``unembed``, the :class:`~mech.engine.Work` counter).
 
 Edge case: if a whole chat-formatted prompt is shorter than ``means.n_end`` (no shared prefix, and a hook-loop
 batch all shorter than ``n_end``), the hook loop falls back to the all-token mean there; this function still
@@ -68,10 +68,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mech.components import Component, as_component, check_component
+from mech.engine import Engine, PrefixKV, Work
 from mech.evaluation import first_token_kl
 from mech.hooks import HookFn
 from mech.interventions import Ablate, AblationRows, AddVector, DirectionRows, ProjectOut
-from mech.patching.engine import Engine, PrefixKV, Work
 from mech.refusal import check_refusal_ids, refusal_log_odds
 from mech.scoring import shared_prefix_len
 
@@ -289,7 +289,7 @@ def ablation_set_scores(
     faster. ``sets``: lists of components (heads, neurons, attn / mlp blocks; ids such as ``L12.H3`` or
     :class:`~mech.components.Component`); an empty set gives the clean scores. ``max_rows``: rows (set x prompt,
     or prefix rows) per partial forward (memory grows with it). ``work``: receives what was computed (a
-    :class:`~mech.patching.engine.Work`, for FLOP counts). Bad input raises a one-line ValueError before any
+    :class:`~mech.engine.Work`, for FLOP counts). Bad input raises a one-line ValueError before any
     forward; hooks are removed even when a forward raises.
     """
     comp_sets = _check(lm, prompts, refusal_ids, sets, method, means, mode, max_rows)

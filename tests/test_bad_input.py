@@ -120,7 +120,7 @@ def _untouched(lm: LoadedModel) -> Iterator[None]:
     """Assert the block runs no forward of ``lm`` and leaves its hooks and parameters as they were."""
     calls = []
     hooks_before = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in lm.model.modules())
-    # every forward path (HF forward, the patching engine's partial forwards, generation) embeds tokens first
+    # every forward path (HF forward, the engine's partial forwards, generation) embeds tokens first
     handle = lm.model.get_input_embeddings().register_forward_pre_hook(lambda *a: calls.append(1))
     params_before = {n: p for n, p in lm.model.named_parameters()}
     data_before = {n: p.detach().clone() for n, p in params_before.items()}

@@ -18,8 +18,8 @@ import torch
 from mech.ablation import mean_activations
 from mech.components import random_components
 from mech.directions import activation_addition, diff_in_means, directional_ablation, select_direction
+from mech.engine import Work
 from mech.evaluation import first_token_kl
-from mech.patching import Work
 from mech.prompts import default_pairs
 from mech.refusal import refusal_log_odds
 from mech.scoring import (
