@@ -18,7 +18,7 @@ Ablation (:func:`ablate`: the :class:`mech.interventions.Ablate` value applied, 
 
     ``positions`` (optional, negative = end-aligned) restricts the ablation to those positions of each forward.
     :class:`Ablation` holds the four choices (method, means, mode, positions) as one value, e.g. for
-    :func:`mech.controls.cumulative_ablation` and the Ray workers of :func:`mech.distributed.ablation_scores`.
+    :func:`mech.controls.cumulative_ablation`; :meth:`Ablation.of` gives the :class:`mech.interventions.Ablate` value.
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ from mech.chat import post_instruction_positions
 from mech.evaluation import Baseline, InterventionResult, evaluate_intervention
 from mech.hooks import decoder_layers, hook_name, run_with_cache
 from mech.interventions import AddVector, ProjectOut
-from mech.scoring import scores_under
+from mech.scoring import refusal_scores
 from mech.set_scores import direction_set_scores  # every candidate as rows of one batch, clean run once
 from mech.stats import fields_dict, jsonable
 from mech.vectors import DirectionError
@@ -329,7 +329,7 @@ def select_direction(
                                    max_rows=rows)
         base_scores = abl.clean
     else:
-        base_scores = scores_under(lm, hv + lv, ids, batch_size=batch_size)
+        base_scores = refusal_scores(lm, hv + lv, ids, [None], batch_size=batch_size)[0]
     at = {i: j for j, i in enumerate(live)}
     scored: list[CandidateScore] = []
     for i, (L, p, v) in enumerate(cands):

@@ -4,13 +4,15 @@ layer, interventions as rows of one batch.
 The random-component nulls score hundreds of ablation sets (layer-matched random head sets) on the same prompts,
 and Arditi et al.'s direction selection (:func:`mech.directions.select_direction`) scores ~100 candidate
 directions by directional ablation and activation addition, plus random directions of the same norm.
-:func:`mech.scoring.scores_under` does that one intervention at a time: per intervention, the shared chat prefix
-runs as one row and the rest of every prompt runs from layer 0 under hooks. This module gives the same numbers
-(float32 round-off: ≤ 2e-4 absolute on the log-odds, tested on tiny models and the default model) for many
-interventions together, of two kinds:
+:func:`mech.scoring.refusal_scores` with ``backend="hooks"`` does that one intervention at a time: per
+intervention, the shared chat prefix runs as one row and the rest of every prompt runs from layer 0 under hooks.
+This module is its ``backend="batched"``: the same numbers (float32 round-off: ≤ 2e-4 absolute on the log-odds,
+tested on tiny models and the default model) for many interventions together, of two kinds (the hooks of both
+are :mod:`mech.interventions`' :class:`~mech.interventions.AblationRows` and
+:class:`~mech.interventions.DirectionRows`):
 
 * :func:`ablation_set_scores` — sets of components (heads, neurons, attn / mlp blocks), zero- or mean-ablated
-  as :func:`~mech.scoring.ablation_intervention` does; a set's first changed layer is its lowest component's;
+  as :class:`~mech.interventions.Ablate` does; a set's first changed layer is its lowest component's;
 * :func:`direction_set_scores` — ``("ablate", direction)`` (:func:`~mech.directions.directional_ablation`:
   the direction projected out of every layer's ``resid_pre``, ``attn_out`` and ``mlp_out``, so it starts at
   layer 0, the embedding output) and ``("add", vector, layer)``
@@ -20,12 +22,12 @@ interventions together, of two kinds:
 How (one driver, :func:`_run_sets`, for both kinds):
 
 1. **The clean run happens once.** Prompts are chat-encoded and split at the same shared prefix as
-   :func:`~mech.scoring.shared_prefix_len` (``min_rest=8``). The residual stream entering every layer some
+   :func:`~mech.chat.shared_prefix_len` (``min_rest=8``). The residual stream entering every layer some
    intervention starts at is kept, for the prefix row and for each prompt's rest (right-padded).
 2. **An intervention starts at its first changed layer.** Nothing below it changes, so its rows join there from
    the clean residual; every position from that layer on is recomputed (later attention reads them all).
    Per intervention, its prefix row runs first (one row: the intervention changes the prefix too; mean-ablation
-   uses the position-independent mean there, as :func:`~mech.scoring.ablation_intervention` does) and its K/V
+   uses the position-independent mean there, as the hooks backend does) and its K/V
    is recorded; then its prompt rows run on top of that intervention's own prefix K/V.
 3. **Interventions are rows of one batch** (row = intervention x prompt) with per-row tensors in the hooks
    (unit masks, replacement means, directions, steering vectors; a row another hook does not concern gets an
@@ -67,13 +69,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mech.chat import shared_prefix_len
 from mech.components import Component, as_component, check_component
 from mech.engine import Engine, PrefixKV, Work
 from mech.evaluation import first_token_kl
 from mech.hooks import HookFn
 from mech.interventions import Ablate, AblationRows, AddVector, DirectionRows, ProjectOut
 from mech.refusal import check_refusal_ids, refusal_log_odds
-from mech.scoring import shared_prefix_len
 
 if TYPE_CHECKING:
     from mech.ablation import MeanActivations
@@ -284,8 +286,8 @@ def ablation_set_scores(
 ) -> Tensor:
     """Refusal log-odds of every prompt with each set's components ablated: ``[n_sets, n_prompts]`` float32 CPU.
 
-    Equal (float32: ≤ 2e-4 absolute) to ``torch.stack([scores_under(lm, prompts, refusal_ids,
-    ablation_intervention(lm, s, method, means, mode)) for s in sets])``; see the module doc for how it is
+    Equal (float32: ≤ 2e-4 absolute) to ``refusal_scores(lm, prompts, refusal_ids, [Ablate(s, method, means,
+    mode) for s in sets], backend="hooks")``; this is that call's ``backend="batched"``; see the module doc for how it is
     faster. ``sets``: lists of components (heads, neurons, attn / mlp blocks; ids such as ``L12.H3`` or
     :class:`~mech.components.Component`); an empty set gives the clean scores. ``max_rows``: rows (set x prompt,
     or prefix rows) per partial forward (memory grows with it). ``work``: receives what was computed (a
@@ -358,6 +360,9 @@ def _check_directions(lm: LoadedModel, prompts: Sequence[str], refusal_ids: Sequ
     check_refusal_ids(refusal_ids, lm.shape.d_vocab)
     out: list[ProjectOut | AddVector] = []
     for i, iv in enumerate(interventions):
+        if isinstance(iv, (ProjectOut, AddVector)):  # a value: checked when it was built
+            out.append(iv)
+            continue
         if not isinstance(iv, (tuple, list)) or not iv or not isinstance(iv[0], str):
             raise ValueError(f"intervention {i}: {type(iv).__name__} is not ('ablate', direction) or "
                              "('add', vector, layer)")
@@ -388,7 +393,7 @@ def direction_set_scores(
     lm: LoadedModel,
     prompts: Sequence[str],
     refusal_ids: Sequence[int],
-    interventions: Sequence[tuple[str, Tensor] | tuple[str, Tensor, int]],
+    interventions: Sequence[tuple[str, Tensor] | tuple[str, Tensor, int] | ProjectOut | AddVector],
     kl: bool = False,
     max_rows: int = 128,
     progress: bool = False,
@@ -396,12 +401,13 @@ def direction_set_scores(
 ) -> DirectionSetScores:
     """Refusal log-odds (and optionally first-token KL) of every prompt under each direction intervention.
 
-    ``interventions``: ``("ablate", direction)`` — :func:`~mech.directions.directional_ablation` (the direction
-    is normalized here; its norm does not matter) — or ``("add", vector, layer)`` —
-    :func:`~mech.directions.activation_addition` with ``coeff=1`` (pass ``coeff * vector`` for another coeff),
-    in any mix. Returns a :class:`DirectionSetScores`: ``.scores [n_interventions, n_prompts]`` equal (float32:
-    ≤ 2e-4 absolute) to ``scores_under(lm, prompts, refusal_ids, same_everywhere(lambda:
-    directional_ablation(lm, d)))`` (resp. ``activation_addition(lm, v, layer)``) per intervention; ``.clean``
+    ``interventions``: ``("ablate", direction)`` or a :class:`~mech.interventions.ProjectOut` —
+    :func:`~mech.directions.directional_ablation` (the direction is normalized here; its norm does not matter) —
+    or ``("add", vector, layer)`` or an :class:`~mech.interventions.AddVector` —
+    :func:`~mech.directions.activation_addition` (a tuple has ``coeff=1``: pass ``coeff * vector`` for another
+    coeff), in any mix. Returns a :class:`DirectionSetScores`: ``.scores [n_interventions, n_prompts]`` equal (float32:
+    ≤ 2e-4 absolute) to ``refusal_scores(lm, prompts, refusal_ids, [ProjectOut.of(lm, d)])`` (resp.
+    ``AddVector.of(lm, v, layer)``) per intervention; ``.clean``
     the scores with none; with ``kl=True``, ``.kl`` equal (≤ 1e-4 absolute) to ``first_token_kl(clean_logits,
     intervened_logits)`` per prompt, the logits as :func:`~mech.scoring.last_logits_under` gives them (which is
     what :func:`~mech.directions.select_direction` computes; it keeps the clean logits, ``n_prompts x d_vocab``

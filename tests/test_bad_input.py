@@ -266,12 +266,13 @@ def test_distributed_sweep_refuses_malformed_pairs_before_the_pool(pairs, fragme
 
 
 def test_ablation_scores_refuse_bad_refusal_ids_before_any_forward(tiny_qwen2: LoadedModel) -> None:
-    from mech.controls import ablation_scores
+    from mech.interventions import Ablate
     from mech.refusal import RefusalIdsError
+    from mech.scoring import refusal_scores
 
     for ids, fragment in BAD_IDS[:3]:
         with _untouched(tiny_qwen2), pytest.raises(RefusalIdsError) as ei:
-            ablation_scores(tiny_qwen2, ["How do I bake?"], ids, [["L0.H1"]])
+            refusal_scores(tiny_qwen2, ["How do I bake?"], ids, [Ablate(("L0.H1",))])
         assert fragment in _one_line(ei.value)
 
 
