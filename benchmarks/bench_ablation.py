@@ -67,20 +67,16 @@ import pytest
 import torch
 
 from mech.ablation import MeanActivations, mean_activations
+from mech.chat import shared_prefix_len
 from mech.components import random_components
-from mech.directions import activation_addition, diff_in_means, directional_ablation
+from mech.directions import diff_in_means
+from mech.engine import Work
 from mech.evaluation import first_token_kl
+from mech.interventions import Ablate, AddVector, ProjectOut
 from mech.models import LoadedModel
-from mech.patching import Work
 from mech.prompts import default_pairs
 from mech.refusal import refusal_log_odds
-from mech.scoring import (
-    ablation_intervention,
-    last_logits_under,
-    same_everywhere,
-    scores_under,
-    shared_prefix_len,
-)
+from mech.scoring import last_logits_under, refusal_scores
 from mech.set_scores import MIN_REST, ablation_set_scores, direction_set_scores
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -170,11 +166,10 @@ def test_random_head_sets(benchmark: Any, bench_lm: LoadedModel, setup: dict[str
     means = head_means
     rng = np.random.default_rng(0)
     sets = [random_components(lm, TOP[:k], rng, match_layers=True) for _ in range(N_SETS)]
-    scores_under(lm, prompts[:2], IDS)  # warm-up
+    refusal_scores(lm, prompts[:2], IDS, [None])  # warm-up
 
     t0 = time.perf_counter()
-    want = torch.stack([scores_under(lm, prompts, IDS, ablation_intervention(lm, s, "mean", means))
-                        for s in sets[:N_HOOK_SETS]])
+    want = refusal_scores(lm, prompts, IDS, [Ablate(tuple(s), "mean", means) for s in sets[:N_HOOK_SETS]])
     hook_measured = time.perf_counter() - t0
     hook_s = hook_measured * N_SETS / N_HOOK_SETS
 
@@ -240,10 +235,10 @@ def test_direction_candidates(benchmark: Any, bench_lm: LoadedModel, setup: dict
     base = last_logits_under(lm, hv + lv, None, 16)
     h_bypass, h_kl, h_induce = [], [], []
     for L, _, v in cands:
-        logits = last_logits_under(lm, hv + lv, same_everywhere(lambda v=v: directional_ablation(lm, v)), 16)
+        logits = last_logits_under(lm, hv + lv, ProjectOut.of(lm, v), 16)
         h_bypass.append(refusal_log_odds(logits[:nh], IDS))
         h_kl.append(first_token_kl(base[nh:], logits[nh:]))
-        added = last_logits_under(lm, lv, same_everywhere(lambda v=v, L=L: activation_addition(lm, v, L)), 16)
+        added = last_logits_under(lm, lv, AddVector.of(lm, v, L), 16)
         h_induce.append(refusal_log_odds(added, IDS))
     hook_s, hook_cpu = time.perf_counter() - t0, time.process_time() - c0
 

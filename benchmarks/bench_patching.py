@@ -39,8 +39,9 @@ import numpy as np
 import pytest
 import torch
 
+from mech.engine import Work
 from mech.models import LoadedModel
-from mech.patching import PatchResult, Work, end_positions, head_sweep, layer_sweep, patch_sweep
+from mech.patching import PatchResult, end_positions, head_sweep, layer_sweep, patch_sweep
 from mech.patching.attribution import attribution_patching, verify_against_exact
 
 ROOT = Path(__file__).resolve().parent.parent

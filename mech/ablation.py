@@ -5,7 +5,8 @@ Components (:class:`~mech.components.Component`: ``L12.H3``, ``L5.N1234``, ``L7.
 parameter accounting live in :mod:`mech.components`; measuring an intervention in :mod:`mech.evaluation`; the
 cumulative curve and its random-component controls in :mod:`mech.controls`.
 
-Ablation (:func:`ablate`, a context manager over :func:`mech.hooks.hooks`, so hooks are removed on error)
+Ablation (:func:`ablate`: the :class:`mech.interventions.Ablate` value applied, a context manager over
+:func:`mech.hooks.hooks`, so hooks are removed on error)
     ``zero``: the activation is set to 0. ``mean``: it is set to its mean over a reference set (the harmless
     prompts; :func:`mean_activations`). Two mean conventions (``mode``):
 
@@ -17,51 +18,40 @@ Ablation (:func:`ablate`, a context manager over :func:`mech.hooks.hooks`, so ho
 
     ``positions`` (optional, negative = end-aligned) restricts the ablation to those positions of each forward.
     :class:`Ablation` holds the four choices (method, means, mode, positions) as one value, e.g. for
-    :func:`mech.controls.cumulative_ablation` and the Ray workers of :func:`mech.distributed.ablation_scores`.
+    :func:`mech.controls.cumulative_ablation`; :meth:`Ablation.of` gives the :class:`mech.interventions.Ablate` value.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from mech.components import HOOK_OF_KIND as _HOOK_OF_KIND
-from mech.components import (
-    Component,
-    as_component,
-    check_component,
-    param_fraction,
-)
+from mech.components import Component, as_component, param_fraction
 from mech.evaluation import (
     Baseline,
     InterventionResult,
     evaluate_intervention,
 )
 from mech.hooks import HookPoint, hook_name, hooks
+from mech.interventions import ABLATION_METHODS, MEAN_MODES, Ablate, AblationMethod, MeanMode
 
 if TYPE_CHECKING:
     from mech.models import LoadedModel
 
 __all__ = [
     "Ablation",
-    "AblationMethod",
     "MeanActivations",
-    "MeanMode",
     "ablate",
     "evaluate_ablation",
     "individual_ablations",
     "mean_activations",
-    "unit_masks",
 ]
-
-AblationMethod = Literal["zero", "mean"]
-MeanMode = Literal["end_aligned", "averaged"]
-
 
 # -------------------------------------------------------------------------------------------- means
 
@@ -149,24 +139,6 @@ def mean_activations(
 # ------------------------------------------------------------------------------------------- ablation
 
 
-def unit_masks(lm: LoadedModel, components: Sequence[Component]) -> dict[str, Tensor]:
-    """``{hook name: bool mask [*feat]}`` of the units to ablate at each hook point."""
-    s = lm.shape
-    masks: dict[str, Tensor] = {}
-    for c in components:
-        check_component(lm, c)
-        if c.kind == "head":
-            m = masks.setdefault(c.hook, torch.zeros(s.n_heads, s.d_head, dtype=torch.bool))
-            m[c.index] = True
-        elif c.kind == "neuron":
-            m = masks.setdefault(c.hook, torch.zeros(s.d_mlp, dtype=torch.bool))
-            m[c.index] = True
-        else:
-            masks[c.hook] = torch.ones(s.d_model, dtype=torch.bool)
-    return masks
-
-
-@contextmanager
 def ablate(
     lm: LoadedModel,
     components: Sequence[Component | str],
@@ -174,47 +146,16 @@ def ablate(
     means: MeanActivations | None = None,
     mode: MeanMode = "end_aligned",
     positions: Sequence[int] | None = None,
-) -> Iterator[None]:
-    """Zero- or mean-ablate ``components`` for the duration of the block (hooks removed on exit or error).
+) -> AbstractContextManager[object]:
+    """Zero- or mean-ablate ``components`` for the duration of the block (hooks removed on exit or error): the
+    :class:`~mech.interventions.Ablate` value's :meth:`~mech.interventions.Ablate.apply`.
 
     ``positions``: ``None`` ablates every position; otherwise the listed indices of each forward's sequence
     (negative = end-aligned). ``means`` is required for ``method="mean"`` (see :func:`mean_activations`).
     Ablating no component is the identity (no hook is attached).
     """
-    comps = [as_component(c) for c in components]
-    if method not in ("zero", "mean"):
-        raise ValueError(f"unknown ablation method {method!r}; use zero or mean")
-    if method == "mean" and means is None:
-        raise ValueError("mean-ablation needs means=mean_activations(lm, harmless_prompts, kinds)")
-    masks = unit_masks(lm, comps)
-    dev_masks: dict[tuple[str, torch.device], Tensor] = {}
-
-    def make(name: str) -> Callable[[Tensor, HookPoint], Tensor]:
-        def fn(x: Tensor, hook: HookPoint) -> Tensor:  # x: [batch, pos, *feat]
-            n_pos = x.shape[1]
-            key = (name, x.device)
-            if key not in dev_masks:
-                dev_masks[key] = masks[name].to(x.device)
-            m = dev_masks[key]  # [*feat]
-            if positions is not None:
-                pm = torch.zeros(n_pos, dtype=torch.bool, device=x.device)
-                idx = [p if p >= 0 else n_pos + p for p in positions]
-                pm[[i for i in idx if 0 <= i < n_pos]] = True
-                m = pm.view(n_pos, *[1] * m.dim()) & m  # [pos, *feat]
-            if method == "zero":
-                rep = x.new_zeros(())
-            else:
-                assert means is not None
-                rep = means.replacement(name, n_pos, mode, x.device, x.dtype)  # [pos, *feat]
-            return torch.where(m, rep, x)
-
-        return fn
-
-    if not masks:  # ablating nothing: the identity
-        yield
-        return
-    with hooks(lm, [(name, make(name)) for name in masks]):
-        yield
+    comps = tuple(as_component(c) for c in components)
+    return Ablate(comps, method, means, mode, None if positions is None else tuple(positions)).apply(lm)
 
 
 @dataclass(frozen=True)
@@ -229,15 +170,19 @@ class Ablation:
     positions: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.method not in ("zero", "mean"):
+        if self.method not in ABLATION_METHODS:
             raise ValueError(f"unknown ablation method {self.method!r}; use zero or mean")
-        if self.mode not in ("end_aligned", "averaged"):
+        if self.mode not in MEAN_MODES:
             raise ValueError(f"unknown mean mode {self.mode!r}; use end_aligned or averaged")
         if self.positions is not None:
             object.__setattr__(self, "positions", tuple(int(p) for p in self.positions))
 
-    def __call__(self, lm: LoadedModel, components: Sequence[Component | str]) -> AbstractContextManager[None]:
-        return ablate(lm, components, self.method, self.means, self.mode, self.positions)
+    def of(self, components: Sequence[Component | str]) -> Ablate:
+        """This ablation of ``components``, as an intervention value."""
+        return Ablate(tuple(as_component(c) for c in components), self.method, self.means, self.mode, self.positions)
+
+    def __call__(self, lm: LoadedModel, components: Sequence[Component | str]) -> AbstractContextManager[object]:
+        return self.of(components).apply(lm)
 
     def evaluate(
         self, lm: LoadedModel, baseline: Baseline, components: Sequence[Component | str], name: str | None = None

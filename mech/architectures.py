@@ -2,7 +2,7 @@
 
 An :class:`Architecture` names, for one HF ``config.model_type``, every module path and config key that the hooks
 (:mod:`mech.hooks`), the parameter accounting (:mod:`mech.components`), the partial-forward engine
-(:mod:`mech.patching.engine`), the weight edit (:mod:`mech.directions`), the direct logit attribution
+(:mod:`mech.engine`), the weight edit (:mod:`mech.directions`), the direct logit attribution
 (:mod:`mech.probes`) and the model's shape (:class:`mech.models.ModelShape`) use. The entries are registered by
 ``model_type`` (:func:`register_architecture`); :func:`architecture_of` looks a model up:
 
@@ -48,7 +48,7 @@ class Architecture:
     layers: str = "layers"  # base model -> ModuleList of decoder layers
     embed: str = "embed_tokens"  # base model -> token embedding
     final_norm: str = "norm"  # base model -> final norm before the unembedding
-    rotary: str = "rotary_emb"  # base model -> rotary position embedding (the fast patching engine)
+    rotary: str = "rotary_emb"  # base model -> rotary position embedding (the partial-forward engine)
     unembed: str = "lm_head"  # causal LM -> output embedding
     attn: str = "self_attn"  # decoder layer -> attention
     attn_in: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")  # attention -> per-head input projections

@@ -12,6 +12,7 @@ end-aligned (negative indices from the end) although prompts differ in length:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -21,7 +22,7 @@ from mech.registry import ModelError
 if TYPE_CHECKING:
     from mech.models import LoadedModel
 
-__all__ = ["format_chat", "pad_left", "post_instruction_positions", "template_suffix_len"]
+__all__ = ["format_chat", "pad_left", "post_instruction_positions", "shared_prefix_len", "template_suffix_len"]
 
 # Two prompts whose last content tokens differ: whatever they share at the end is the template's.
 _PROBES = ("Hello there", "What is 2 + 2?")
@@ -73,3 +74,14 @@ def template_suffix_len(lm: LoadedModel, system: str | None = None) -> int:
 def post_instruction_positions(lm: LoadedModel, system: str | None = None) -> tuple[int, ...]:
     """End-aligned indices of the chat template's post-instruction tokens, e.g. ``(-5, -4, -3, -2, -1)``."""
     return tuple(range(-template_suffix_len(lm, system), 0))
+
+
+def shared_prefix_len(seqs: Sequence[Sequence[int]], min_rest: int) -> int:
+    """Length of the token prefix every sequence shares (chat-formatted prompts share the system prompt and the
+    user turn's header), leaving at least ``min_rest`` tokens in each."""
+    n = min(len(s) for s in seqs) - min_rest
+    first = seqs[0]
+    for i in range(max(n, 0)):
+        if any(s[i] != first[i] for s in seqs):
+            return i
+    return max(n, 0)

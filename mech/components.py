@@ -42,8 +42,10 @@ __all__ = [
     "HOOK_OF_KIND",
     "Component",
     "ComponentKind",
+    "KIND_OF_HOOK",
     "all_components",
     "as_component",
+    "component_at",
     "check_component",
     "component_param_count",
     "param_breakdown",
@@ -54,6 +56,7 @@ __all__ = [
 ComponentKind = Literal["head", "neuron", "attn", "mlp"]
 COMPONENT_KINDS: tuple[str, ...] = ("head", "neuron", "attn", "mlp")
 HOOK_OF_KIND = {"head": "attn.hook_z", "neuron": "mlp.hook_post", "attn": "hook_attn_out", "mlp": "hook_mlp_out"}
+KIND_OF_HOOK = {hook: kind for kind, hook in HOOK_OF_KIND.items()}  # the shared vocabulary: the hook a kind lives in
 _ID_RE = re.compile(r"^L(\d+)\.(?:H(\d+)|N(\d+)|(attn)|(mlp))$")
 
 
@@ -105,6 +108,15 @@ class Component:
 def as_component(c: Component | str) -> Component:
     """``c`` itself, or the component an id such as ``"L12.H3"`` names."""
     return c if isinstance(c, Component) else Component.parse(c)
+
+
+def component_at(layer: int, hook: str, index: int | None = None) -> Component:
+    """The ablatable component that lives in hook kind ``hook`` of ``layer`` (unit ``index`` for heads and
+    neurons): patching and ablation name components by the hook they live in (a patching site's
+    :attr:`mech.patching.spec.SiteComponent.hook`), so ``("attn.hook_z", head 3)`` of layer 12 is ``L12.H3``."""
+    if hook not in KIND_OF_HOOK:
+        raise ValueError(f"no ablatable component lives in {hook!r}; ablatable hook kinds: {', '.join(KIND_OF_HOOK)}")
+    return Component(KIND_OF_HOOK[hook], layer, index)  # type: ignore[arg-type]
 
 
 def all_components(lm: LoadedModel, kind: ComponentKind, layers: Sequence[int] | None = None) -> list[Component]:

@@ -7,8 +7,9 @@
 2. draws ``n_random`` sets of the same size and kinds (:func:`mech.components.random_components`, seeded
    :class:`numpy.random.Generator`; optionally with the same count per layer);
 3. scores each random set by the mean harmful logit refusal score under its ablation, with a **scorer**: by
-   default :func:`ablation_scores` on this model; :func:`mech.distributed.ablation_scores` bound to a Ray pool
-   spreads the sets over its workers (same sets, same numbers);
+   default :func:`mech.scoring.refusal_scores` on this model (``backend="hooks"``);
+   :func:`mech.distributed.refusal_scores` bound to a Ray pool spreads the sets over its workers (same sets,
+   same numbers);
 4. tests "the ranked set lowers the harmful refusal score more than chance" with a permutation p-value
    (+1 corrected, :func:`mech.stats.permutation_pvalue`).
 """
@@ -22,48 +23,28 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import torch
+from torch import Tensor
 
 from mech.ablation import Ablation
 from mech.components import Component, as_component, param_fraction, random_components
 from mech.evaluation import Baseline, InterventionResult
-from mech.refusal import check_refusal_ids, last_logits, refusal_log_odds, vocab_size
+from mech.interventions import Intervention
+from mech.scoring import refusal_scores
 from mech.stats import PermutationResult, jsonable, permutation_pvalue
 
 if TYPE_CHECKING:
     from mech.models import LoadedModel
 
-__all__ = ["CumulativePoint", "CumulativeResult", "SetScorer", "ablation_scores", "cumulative_ablation"]
+__all__ = ["CumulativePoint", "CumulativeResult", "Scorer", "cumulative_ablation"]
 
 
-class SetScorer(Protocol):
-    """Mean logit refusal score of ``prompts`` under the ablation of each component set: :func:`ablation_scores`
-    with its first argument (the model, or a Ray pool) bound."""
+class Scorer(Protocol):
+    """Logit refusal scores ``[n_interventions, n_prompts]`` of ``prompts`` under each intervention:
+    :func:`mech.scoring.refusal_scores` with its first argument (the model) bound, or
+    :func:`mech.distributed.refusal_scores` with a Ray pool bound."""
 
-    def __call__(self, prompts: Sequence[str], refusal_ids: Sequence[int], sets: Sequence[Sequence[Component | str]],
-                 ablation: Ablation = ..., batch_size: int = ...) -> list[float]: ...
-
-
-@torch.inference_mode()
-def ablation_scores(
-    lm: LoadedModel,
-    prompts: Sequence[str],
-    refusal_ids: Sequence[int],
-    sets: Sequence[Sequence[Component | str]],
-    ablation: Ablation = Ablation(),
-    batch_size: int = 16,
-) -> list[float]:
-    """The mean logit refusal score of ``prompts`` with each component set of ``sets`` ablated (one batched
-    forward per set). Refusal ids are checked against the vocabulary before any forward."""
-    if isinstance(prompts, str):
-        raise ValueError("prompts is one string; pass a list of prompt texts")
-    ids = list(check_refusal_ids(refusal_ids, vocab_size(lm)))
-    out = []
-    for comps in sets:
-        with ablation(lm, comps):
-            logits = last_logits(lm, list(prompts), batch_size=batch_size)
-        out.append(float(refusal_log_odds(logits, ids).double().mean()))
-    return out
+    def __call__(self, prompts: Sequence[str], refusal_ids: Sequence[int],
+                 interventions: Sequence[Intervention | None], *, batch_size: int = ...) -> Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -134,15 +115,15 @@ def cumulative_ablation(
     seed: int = 0,
     pool: Sequence[Component | str] | None = None,
     name: str = "cumulative",
-    scorer: SetScorer | None = None,
+    scorer: Scorer | None = None,
     match_layers: bool = False,
 ) -> CumulativeResult:
     """Ablate the top-k of ``ranking`` (most important first) for each k in ``ks``, with random controls.
 
     Each ranked set gets the full :meth:`~mech.ablation.Ablation.evaluate` (everything the baseline measures);
     each of the ``n_random`` control sets (same size and kinds, :func:`random_components` from ``pool``) only its
-    mean harmful logit refusal score, from ``scorer`` (default :func:`ablation_scores` on ``lm``; pass
-    ``functools.partial(mech.distributed.ablation_scores, ray_pool)`` to score them on Ray workers). The p-value
+    mean harmful logit refusal score, from ``scorer`` (default :func:`mech.scoring.refusal_scores` on ``lm``;
+    pass ``functools.partial(mech.distributed.refusal_scores, ray_pool)`` to score them on Ray workers). The p-value
     is :func:`mech.stats.permutation_pvalue` with ``alternative="less"`` on the change of the mean harmful
     score. ``match_layers``: the random sets have the ranked set's count per layer (see
     :func:`random_components`).
@@ -152,7 +133,7 @@ def cumulative_ablation(
     comps = [as_component(c) for c in ranking]
     if not ks or max(ks) > len(comps) or min(ks) < 1:
         raise ValueError(f"ks must lie in 1..{len(comps)} (the ranking's length), got {list(ks)}")
-    score: SetScorer = scorer if scorer is not None else partial(ablation_scores, lm)
+    score: Scorer = scorer if scorer is not None else partial(refusal_scores, lm)
     rng = np.random.default_rng(seed)
     base_mean = float(baseline.harmful_scores.double().mean())
     points = []
@@ -162,8 +143,9 @@ def cumulative_ablation(
         rands = [random_components(lm, top, rng, pool, match_layers) for _ in range(n_random)]
         sets = [tuple(c.id for c in rand) for rand in rands]
         fracs = [param_fraction(lm, rand) for rand in rands]
-        means_k = score(baseline.harmful, baseline.refusal_ids, sets, ablation, baseline.batch_size)
-        deltas = [m - base_mean for m in means_k]
+        scores = score(baseline.harmful, baseline.refusal_ids, [ablation.of(s) for s in sets],
+                       batch_size=baseline.batch_size)
+        deltas = [float(row.double().mean()) - base_mean for row in scores]
         test = permutation_pvalue(ranked.harmful.delta, deltas, alternative="less")
         points.append(CumulativePoint(k, ranked, tuple(sets), tuple(deltas), float(np.mean(fracs)), test))
     return CumulativeResult(name, ablation.method, tuple(c.id for c in comps), tuple(points), n_random, seed, base_mean)

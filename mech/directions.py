@@ -14,9 +14,9 @@
 3. **Interventions** (context managers; nothing is ever written to disk):
 
    * :func:`directional_ablation` — project the unit direction ``r`` out of ``resid_pre`` of every layer and of
-     ``attn_out`` and ``mlp_out`` of every block: ``x <- x - (x . r) r``.
+     ``attn_out`` and ``mlp_out`` of every block: ``x <- x - (x . r) r`` (:class:`mech.interventions.ProjectOut`).
    * :func:`activation_addition` — add ``coeff *`` the (unnormalized) diff-in-means vector to ``resid_pre`` of
-     the selected layer at every position.
+     the selected layer at every position (:class:`mech.interventions.AddVector`).
    * :func:`orthogonalized_weights` — the weight edit equivalent to directional ablation, **in memory only**:
      the rows of ``embed_tokens`` and the output side of every ``o_proj`` and ``down_proj`` (weights and any
      bias) are orthogonalized against ``r``: ``W <- (I - r r^T) W``. The edited tensors are *new* parameters
@@ -32,10 +32,8 @@ KL, CE, benign-but-alarming set, optional generations).
 from __future__ import annotations
 
 import json
-import math
-import operator
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -46,11 +44,12 @@ from torch import Tensor, nn
 from mech.architectures import architecture_of
 from mech.chat import post_instruction_positions
 from mech.evaluation import Baseline, InterventionResult, evaluate_intervention
-from mech.hooks import HookPoint, decoder_layers, hook_name, hooks, run_with_cache
-from mech.scoring import scores_under
+from mech.hooks import decoder_layers, hook_name, run_with_cache
+from mech.interventions import AddVector, ProjectOut
+from mech.scoring import refusal_scores
 from mech.set_scores import direction_set_scores  # every candidate as rows of one batch, clean run once
 from mech.stats import fields_dict, jsonable
-from mech.vectors import DirectionError, as_vector
+from mech.vectors import DirectionError
 
 if TYPE_CHECKING:
     from mech.models import LoadedModel
@@ -137,66 +136,25 @@ def diff_in_means(
 # -------------------------------------------------------------------------------------- interventions
 
 
-def _unit(direction: Tensor, lm: LoadedModel | None = None) -> Tensor:
-    r = as_vector(lm, direction, "direction") if lm is not None else direction.detach().double().cpu().flatten()
+def _unit(direction: Tensor) -> Tensor:
+    r = direction.detach().double().cpu().flatten()
     n = r.norm()
     if not torch.isfinite(n) or n == 0:
         raise DirectionError("the direction must be a finite non-zero vector")
     return r / n
 
 
-class _Cast:
-    """A float64 vector cast lazily (and once) to each device/dtype it meets."""
-
-    def __init__(self, v: Tensor) -> None:
-        self.v = v
-        self._by: dict[tuple[torch.device, torch.dtype], Tensor] = {}
-
-    def to(self, x: Tensor) -> Tensor:
-        key = (x.device, x.dtype)
-        if key not in self._by:
-            self._by[key] = self.v.to(device=x.device, dtype=x.dtype)
-        return self._by[key]
-
-
-@contextmanager
-def directional_ablation(lm: LoadedModel, direction: Tensor) -> Iterator[None]:
+def directional_ablation(lm: LoadedModel, direction: Tensor) -> AbstractContextManager[object]:
     """Project ``direction`` (normalized here) out of ``resid_pre`` of every layer and ``attn_out`` /
-    ``mlp_out`` of every block, at every position, for the duration of the block."""
-    r = _Cast(_unit(direction, lm))
-
-    def project(x: Tensor, hook: HookPoint) -> Tensor:  # x: [batch, pos, d_model]
-        rr = r.to(x)
-        return x - (x @ rr)[..., None] * rr
-
-    names = [hook_name(L, k) for L in range(lm.shape.n_layers) for k in ("hook_resid_pre", "hook_attn_out", "hook_mlp_out")]
-    with hooks(lm, [(n, project) for n in names]):
-        yield
+    ``mlp_out`` of every block, at every position, for the duration of the block: the
+    :class:`~mech.interventions.ProjectOut` value applied."""
+    return ProjectOut.of(lm, direction).apply(lm)
 
 
-@contextmanager
-def activation_addition(lm: LoadedModel, vector: Tensor, layer: int, coeff: float = 1.0) -> Iterator[None]:
-    """Add ``coeff * vector`` (not normalized) to ``blocks.{layer}.hook_resid_pre`` at every position."""
-    try:
-        ok = not isinstance(coeff, bool) and math.isfinite(float(coeff))
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise DirectionError(f"coeff must be a finite number, got {coeff!r}")
-    n_layers = lm.shape.n_layers
-    try:
-        layer = operator.index(layer)
-    except TypeError:
-        raise DirectionError(f"layer must be an integer layer index, got {layer!r}") from None
-    if not 0 <= layer < n_layers:
-        raise DirectionError(f"layer {layer} out of range: the model has {n_layers} layers (0..{n_layers - 1})")
-    v = _Cast(as_vector(lm, vector, "steering vector") * coeff)
-
-    def add(x: Tensor, hook: HookPoint) -> Tensor:  # x: [batch, pos, d_model]
-        return x + v.to(x)
-
-    with hooks(lm, [(hook_name(layer, "hook_resid_pre"), add)]):
-        yield
+def activation_addition(lm: LoadedModel, vector: Tensor, layer: int, coeff: float = 1.0) -> AbstractContextManager[object]:
+    """Add ``coeff * vector`` (not normalized) to ``blocks.{layer}.hook_resid_pre`` at every position: the
+    :class:`~mech.interventions.AddVector` value applied."""
+    return AddVector.of(lm, vector, layer, coeff).apply(lm)
 
 
 def _orth_targets(lm: LoadedModel) -> list[tuple[nn.Module, str, str]]:
@@ -247,7 +205,7 @@ def orthogonalized_weights(lm: LoadedModel, direction: Tensor) -> Iterator[None]
     (computed in float64, cast back). New parameter tensors are swapped in; the original parameter objects
     are untouched and swapped back on exit, also on error. Equivalent to :func:`directional_ablation`.
     """
-    r = _unit(direction, lm)
+    r = ProjectOut.of(lm, direction).direction
     targets = _orth_targets(lm)
     for module, name, _ in targets:
         p = getattr(module, name)
@@ -371,7 +329,7 @@ def select_direction(
                                    max_rows=rows)
         base_scores = abl.clean
     else:
-        base_scores = scores_under(lm, hv + lv, ids, batch_size=batch_size)
+        base_scores = refusal_scores(lm, hv + lv, ids, [None], batch_size=batch_size)[0]
     at = {i: j for j, i in enumerate(live)}
     scored: list[CandidateScore] = []
     for i, (L, p, v) in enumerate(cands):

@@ -11,8 +11,8 @@ hands out units of work to idle actors and gathers the results in input order:
   its unit is re-run; an exception raised by the work itself is not retried and surfaces as-is.
 
 On top: :func:`distributed_sweep` (any of :mod:`mech.patching`'s sweeps, one unit per few pairs) and
-:func:`ablation_scores` (the mean harmful refusal score under each of many component sets, e.g. the random
-controls of :func:`mech.controls.cumulative_ablation`, which take it as their scorer). Both give the single-process result: each unit runs
+:func:`refusal_scores` (:func:`mech.scoring.refusal_scores` of many interventions, a few per unit, e.g. the
+random controls of :func:`mech.controls.cumulative_ablation`, which take it as their scorer). Both give the single-process result: each unit runs
 the same library function on its share; rows computed in another batch composition or thread count can
 differ in the last float32 bits (measured in ``tests/test_distributed.py``).
 """
@@ -27,16 +27,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+import torch
 
 from mech import patching
-from mech.ablation import Ablation
 from mech.cache import DiskCache, code_version, make_key
-from mech.controls import ablation_scores as local_scores
 from mech.models import load_model
 from mech.patching import PatchingError, PatchResult, as_pairs
 from mech.refusal import RefusalIdsError, check_refusal_ids
+from mech.scoring import BACKENDS, Backend
+from mech.scoring import refusal_scores as local_scores
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
+    from mech.interventions import Intervention
     from mech.models import LoadedModel
 
 
@@ -70,11 +74,11 @@ def _task_sweep(lm: LoadedModel, sweep: str, pairs: list[tuple[str, str]], kwarg
     return sweeps[sweep](lm, pairs, **kwargs).to_dict()
 
 
-def _task_ablation(
-    lm: LoadedModel, prompts: list[str], refusal_ids: list[int], sets: list[list[str]], ablation: Ablation,
-    batch_size: int,
-) -> list[float]:
-    return local_scores(lm, prompts, refusal_ids, sets, ablation, batch_size)
+def _task_scores(
+    lm: LoadedModel, prompts: list[str], refusal_ids: list[int], interventions: list[Intervention | None],
+    backend: Backend, batch_size: int,
+) -> Tensor:
+    return local_scores(lm, prompts, refusal_ids, interventions, backend, batch_size)
 
 
 def _task_info(lm: LoadedModel) -> dict[str, Any]:
@@ -84,7 +88,7 @@ def _task_info(lm: LoadedModel) -> dict[str, Any]:
             "name": lm.name}
 
 
-TASKS: dict[str, Callable[..., Any]] = {"sweep": _task_sweep, "ablation": _task_ablation, "info": _task_info}
+TASKS: dict[str, Callable[..., Any]] = {"sweep": _task_sweep, "scores": _task_scores, "info": _task_info}
 
 
 class _Worker:
@@ -452,24 +456,25 @@ def merge_results(parts: Sequence[PatchResult]) -> PatchResult:
     )
 
 
-def ablation_scores(
+def refusal_scores(
     pool: RayPool,
     prompts: Sequence[str],
     refusal_ids: Sequence[int],
-    sets: Sequence[Sequence[Any]],
-    ablation: Ablation | None = None,
+    interventions: Sequence[Intervention | None],
+    backend: Backend = "hooks",
     batch_size: int = 16,
-    sets_per_unit: int = 2,
-) -> list[float]:
-    """:func:`mech.controls.ablation_scores` of each component set of ``sets`` on the pool's workers (units of
-    ``sets_per_unit`` sets), in order: the scorer :func:`mech.controls.cumulative_ablation` takes, bound with
-    ``functools.partial(ablation_scores, pool)``. Component sets are ids such as ``"L12.H3"``; the
-    :class:`~mech.ablation.Ablation` (with its means) travels to the workers pickled."""
+    per_unit: int = 2,
+) -> Tensor:
+    """:func:`mech.scoring.refusal_scores` on the pool's workers: ``[n_interventions, n_prompts]``, in order, the
+    interventions in units of ``per_unit``, each unit one call of it on a worker. The scorer
+    :func:`mech.controls.cumulative_ablation` takes, bound with ``functools.partial(refusal_scores, pool)``. The
+    interventions (an :class:`~mech.interventions.Ablate` with its means) travel to the workers pickled."""
     if isinstance(prompts, str):
         raise ValueError("prompts is one string; pass a list of prompt texts")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; use hooks or batched")
     ids = check_refusal_ids(refusal_ids)  # the vocabulary is checked by the workers
-    sets = [[str(c) if isinstance(c, str) else c.id for c in s] for s in sets]
-    common = dict(prompts=list(prompts), refusal_ids=list(ids), ablation=ablation or Ablation(), batch_size=batch_size)
-    units = list(_chunks(sets, sets_per_unit))
-    outs = pool.map("ablation", [dict(common, sets=u) for u in units])
-    return [v for o in outs for v in o]
+    common = dict(prompts=list(prompts), refusal_ids=list(ids), backend=backend, batch_size=batch_size)
+    units = list(_chunks(list(interventions), per_unit))
+    outs = pool.map("scores", [dict(common, interventions=u) for u in units])
+    return torch.cat(outs) if outs else torch.empty(0, len(prompts))

@@ -1,77 +1,74 @@
-"""Refusal scores of many prompts under an intervention, with the prompts' shared token prefix run once.
+"""Refusal scores of prompts under interventions: the one entry point, :func:`refusal_scores`, with a backend.
 
-Chat-formatted prompts start with the same tokens (the system prompt and the user turn's header: about half
-of each prompt for Qwen). An intervention that treats every position alike (directional ablation,
-activation addition, mean-ablation with the position-independent mean) changes that prefix the same way
-in every prompt, so its K/V is computed once (one row) and shared by the batch; only the rest of each
-prompt runs per row. The random-control nulls run hundreds of such interventions on the same prompts, so
-this halves their cost. :func:`scores_under` gives the same numbers as a plain batched forward (tested to
-float32 round-off on tiny models and the default model).
+``refusal_scores(lm, prompts, refusal_ids, interventions, backend)`` gives the logit refusal score of every prompt
+under each intervention (:mod:`mech.interventions` values: :class:`~mech.interventions.Ablate`,
+:class:`~mech.interventions.ProjectOut`, :class:`~mech.interventions.AddVector`; ``None`` for none), as
+``[n_interventions, n_prompts]`` float32 on the CPU. The backends give the same numbers to float32 round-off
+(≤ 2e-4 absolute on the log-odds, tested on tiny models and the default model):
 
-An intervention is a callable ``phase -> context manager`` with ``phase`` ``"prefix"`` (the shared one-row
-forward) or ``"rest"`` (the per-prompt forward). Mean-ablation whose last positions use end-aligned means
-must use the position-independent mean on the prefix (``mode="averaged"``) and its usual mode on the rest;
-see :func:`ablation_intervention`. Written here rather than taken from a library because neither
-transformers nor TransformerLens shares a prefix K/V *under hooks* across a batch.
+* ``"hooks"`` — one hooked forward per intervention (:func:`last_logits_under`), with the prompts' shared token
+  prefix run once: chat-formatted prompts start with the same tokens (the system prompt and the user turn's
+  header: about half of each prompt for Qwen). An intervention that treats every position alike (directional
+  ablation, activation addition, mean-ablation with the position-independent mean) changes that prefix the same
+  way in every prompt, so its K/V is computed once (one row) and shared by the batch; only the rest of each prompt
+  runs per row. Mean-ablation with end-aligned means uses the position-independent mean on the prefix
+  (:meth:`~mech.interventions.Ablate.on_prefix`) and its usual mode on the rest; an ablation restricted to
+  ``positions`` runs without a shared prefix (its positions count from each whole prompt).
+* ``"batched"`` — interventions as rows of one batch on the partial-forward engine, the clean run once
+  (:mod:`mech.set_scores`); ablations of one method, means and mode, without ``positions``.
+* the Ray pool — :func:`mech.distributed.refusal_scores` is this function with a :class:`~mech.distributed.RayPool`
+  in place of the model: the interventions are spread over its workers, each running this function.
+
+Written here rather than taken from a library because neither transformers nor TransformerLens shares a prefix K/V
+*under hooks* across a batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
 
-from mech.ablation import ablate
-from mech.refusal import refusal_log_odds
+from mech.chat import shared_prefix_len
+from mech.interventions import Ablate, AddVector, Intervention, ProjectOut
+from mech.refusal import check_refusal_ids, refusal_log_odds, vocab_size
+from mech.set_scores import MIN_REST, ablation_set_scores, direction_set_scores
 
 if TYPE_CHECKING:
-    from mech.ablation import AblationMethod, MeanActivations, MeanMode
-    from mech.components import Component
+    from mech.engine import Work
     from mech.models import LoadedModel
 
-Phase = Literal["prefix", "rest"]
-Intervention = Callable[[Phase], AbstractContextManager[Any]]
+__all__ = ["BACKENDS", "Backend", "last_logits_under", "refusal_scores"]
+
+Backend = Literal["hooks", "batched"]
+BACKENDS: tuple[str, ...] = ("hooks", "batched")
 
 
-def shared_prefix_len(seqs: Sequence[Sequence[int]], min_rest: int) -> int:
-    """Length of the token prefix every sequence shares, leaving at least ``min_rest`` tokens in each."""
-    n = min(len(s) for s in seqs) - min_rest
-    first = seqs[0]
-    for i in range(max(n, 0)):
-        if any(s[i] != first[i] for s in seqs):
-            return i
-    return max(n, 0)
-
-
-def ablation_intervention(lm: LoadedModel, components: Sequence[Component | str], method: AblationMethod,
-                          means: MeanActivations | None = None, mode: MeanMode = "end_aligned") -> Intervention:
-    """:func:`mech.ablation.ablate` as an intervention: on the shared prefix the position-independent mean."""
-    def make(phase: Phase) -> AbstractContextManager[Any]:
-        return ablate(lm, components, method, means, "averaged" if phase == "prefix" else mode)
-
-    return make
-
-
-def same_everywhere(make: Callable[[], AbstractContextManager[Any]]) -> Intervention:
-    """An intervention that treats every position alike (directional ablation, activation addition)."""
-    return lambda phase: make()
+def _phase(lm: LoadedModel, intervention: Intervention | None, prefix: bool) -> AbstractContextManager[object]:
+    """The intervention on the shared prefix (``prefix``) or on the rest of each prompt."""
+    if intervention is None:
+        return nullcontext()
+    if prefix and isinstance(intervention, Ablate):
+        return intervention.on_prefix().apply(lm)
+    return intervention.apply(lm)
 
 
 @torch.inference_mode()
 def last_logits_under(
-    lm: LoadedModel, prompts: Sequence[str], intervention: Intervention | None = None, batch_size: int = 64, min_rest: int = 8
+    lm: LoadedModel, prompts: Sequence[str], intervention: Intervention | None = None, batch_size: int = 64,
+    min_rest: int = MIN_REST,
 ) -> Tensor:
     """Next-token logits at each prompt's last position under ``intervention``: ``[n, d_vocab]`` float32 CPU.
 
     ``min_rest``: tokens each prompt keeps outside the shared prefix (≥ the end-aligned window of a mean)."""
     if not prompts:
         raise ValueError("last_logits_under needs at least one prompt")
-    iv = intervention or (lambda phase: nullcontext())
     seqs = lm.encode_chat(list(prompts))
-    P = shared_prefix_len(seqs, min_rest)
+    positional = isinstance(intervention, Ablate) and intervention.positions is not None
+    P = 0 if positional else shared_prefix_len(seqs, min_rest)
     dev = lm.input_device
     pad = lm.tokenizer.pad_token_id
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths together: little padding
@@ -89,21 +86,80 @@ def last_logits_under(
         pos = (P + mask.cumsum(-1) - 1).clamp(min=P)
         cache = None
         if P > 0:
-            with iv("prefix"):
+            with _phase(lm, intervention, prefix=True):
                 cache = lm.model(input_ids=prefix, position_ids=torch.arange(P, device=dev)[None], use_cache=True,
                                  logits_to_keep=1).cache
             cache.batch_repeat_interleave(B)
         full_mask = torch.cat([torch.ones(B, P, dtype=torch.long), mask], 1)
-        with iv("rest"):
+        with _phase(lm, intervention, prefix=False):
             logits = lm.model(input_ids=ids.to(dev), attention_mask=full_mask.to(dev), position_ids=pos.to(dev),
                               cache=cache, use_cache=cache is not None, logits_to_keep=1).logits[:, -1]
         out[idx] = logits.float().cpu()
     return out
 
 
-def scores_under(
-    lm: LoadedModel, prompts: Sequence[str], refusal_ids: Sequence[int], intervention: Intervention | None = None,
-    batch_size: int = 64,
+def _batched(
+    lm: LoadedModel, prompts: Sequence[str], refusal_ids: Sequence[int], ivs: Sequence[Intervention | None],
+    max_rows: int, progress: bool, work: Work | None,
 ) -> Tensor:
-    """The logit refusal score of each prompt under ``intervention``, ``[n]`` float32 (CPU)."""
-    return refusal_log_odds(last_logits_under(lm, prompts, intervention, batch_size), refusal_ids)
+    """The engine backend: the ablations in one :func:`~mech.set_scores.ablation_set_scores` call, the direction
+    interventions in one :func:`~mech.set_scores.direction_set_scores` call; ``None``: the clean scores."""
+    abl = [i for i, iv in enumerate(ivs) if isinstance(iv, Ablate)]
+    dirs = [i for i, iv in enumerate(ivs) if isinstance(iv, (ProjectOut, AddVector))]
+    none = [i for i, iv in enumerate(ivs) if iv is None]
+    out = torch.empty(len(ivs), len(prompts))
+    clean: Tensor | None = None
+    if abl:
+        group = [iv for iv in ivs if isinstance(iv, Ablate)]
+        first = group[0]
+        if any(a.positions is not None or (a.method, a.mode) != (first.method, first.mode) or a.means is not first.means
+               for a in group):
+            raise ValueError("the batched backend scores ablations of one method, means and mode, without positions; "
+                             "use backend='hooks' for the others")
+        sets = [list(a.components) for a in group] + ([[]] if none else [])  # an empty set: the clean scores
+        got = ablation_set_scores(lm, prompts, refusal_ids, sets, first.method, first.means, first.mode,
+                                  max_rows=max_rows, progress=progress, work=work)
+        out[abl] = got[: len(abl)]
+        clean = got[-1] if none else None
+    if dirs:
+        r = direction_set_scores(lm, prompts, refusal_ids, [iv for iv in ivs if isinstance(iv, (ProjectOut, AddVector))],
+                                 max_rows=max_rows, progress=progress, work=work)
+        out[dirs] = r.scores
+        clean = r.clean
+    if none:
+        if clean is None:  # only None: the clean run alone (an empty set runs no intervention)
+            clean = ablation_set_scores(lm, prompts, refusal_ids, [[]], "zero", max_rows=max_rows, work=work)[0]
+        out[none] = clean
+    return out
+
+
+def refusal_scores(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    refusal_ids: Sequence[int],
+    interventions: Sequence[Intervention | None],
+    backend: Backend = "hooks",
+    batch_size: int = 64,
+    max_rows: int = 128,
+    progress: bool = False,
+    work: Work | None = None,
+) -> Tensor:
+    """The logit refusal score of each prompt under each intervention: ``[n_interventions, n_prompts]`` float32 CPU.
+
+    ``interventions``: :mod:`mech.interventions` values (``None``: no intervention, the clean scores).
+    ``backend``: ``"hooks"`` (``batch_size`` prompts per forward) or ``"batched"`` (``max_rows`` rows per partial
+    forward; ``work`` receives what it computed); see the module doc. Bad input raises a one-line ValueError
+    before any forward."""
+    if isinstance(prompts, str) or not prompts:
+        raise ValueError("refusal_scores needs a non-empty list of prompt texts")
+    if isinstance(interventions, (Ablate, ProjectOut, AddVector)):
+        raise ValueError("refusal_scores got a single intervention; pass a list of them")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; use hooks or batched (or mech.distributed.refusal_scores)")
+    ids = list(check_refusal_ids(refusal_ids, vocab_size(lm)))
+    ivs = list(interventions)
+    if not ivs:
+        return torch.empty(0, len(prompts))
+    if backend == "batched":
+        return _batched(lm, prompts, ids, ivs, max_rows, progress, work)
+    return torch.stack([refusal_log_odds(last_logits_under(lm, prompts, iv, batch_size), ids) for iv in ivs])

@@ -4,13 +4,15 @@ layer, interventions as rows of one batch.
 The random-component nulls score hundreds of ablation sets (layer-matched random head sets) on the same prompts,
 and Arditi et al.'s direction selection (:func:`mech.directions.select_direction`) scores ~100 candidate
 directions by directional ablation and activation addition, plus random directions of the same norm.
-:func:`mech.scoring.scores_under` does that one intervention at a time: per intervention, the shared chat prefix
-runs as one row and the rest of every prompt runs from layer 0 under hooks. This module gives the same numbers
-(float32 round-off: ≤ 2e-4 absolute on the log-odds, tested on tiny models and the default model) for many
-interventions together, of two kinds:
+:func:`mech.scoring.refusal_scores` with ``backend="hooks"`` does that one intervention at a time: per
+intervention, the shared chat prefix runs as one row and the rest of every prompt runs from layer 0 under hooks.
+This module is its ``backend="batched"``: the same numbers (float32 round-off: ≤ 2e-4 absolute on the log-odds,
+tested on tiny models and the default model) for many interventions together, of two kinds (the hooks of both
+are :mod:`mech.interventions`' :class:`~mech.interventions.AblationRows` and
+:class:`~mech.interventions.DirectionRows`):
 
 * :func:`ablation_set_scores` — sets of components (heads, neurons, attn / mlp blocks), zero- or mean-ablated
-  as :func:`~mech.scoring.ablation_intervention` does; a set's first changed layer is its lowest component's;
+  as :class:`~mech.interventions.Ablate` does; a set's first changed layer is its lowest component's;
 * :func:`direction_set_scores` — ``("ablate", direction)`` (:func:`~mech.directions.directional_ablation`:
   the direction projected out of every layer's ``resid_pre``, ``attn_out`` and ``mlp_out``, so it starts at
   layer 0, the embedding output) and ``("add", vector, layer)``
@@ -20,17 +22,17 @@ interventions together, of two kinds:
 How (one driver, :func:`_run_sets`, for both kinds):
 
 1. **The clean run happens once.** Prompts are chat-encoded and split at the same shared prefix as
-   :func:`~mech.scoring.shared_prefix_len` (``min_rest=8``). The residual stream entering every layer some
+   :func:`~mech.chat.shared_prefix_len` (``min_rest=8``). The residual stream entering every layer some
    intervention starts at is kept, for the prefix row and for each prompt's rest (right-padded).
 2. **An intervention starts at its first changed layer.** Nothing below it changes, so its rows join there from
    the clean residual; every position from that layer on is recomputed (later attention reads them all).
    Per intervention, its prefix row runs first (one row: the intervention changes the prefix too; mean-ablation
-   uses the position-independent mean there, as :func:`~mech.scoring.ablation_intervention` does) and its K/V
+   uses the position-independent mean there, as the hooks backend does) and its K/V
    is recorded; then its prompt rows run on top of that intervention's own prefix K/V.
 3. **Interventions are rows of one batch** (row = intervention x prompt) with per-row tensors in the hooks
    (unit masks, replacement means, directions, steering vectors; a row another hook does not concern gets an
    exact no-op: a false mask, a zero direction, a zero vector), rows joining at their own first layer
-   (:meth:`mech.patching.engine.Engine.run`'s staircase), chunked by ``max_rows``. Prompts of similar rest
+   (:meth:`mech.engine.Engine.run`'s staircase), chunked by ``max_rows``. Prompts of similar rest
    length share a chunk (little padding). End-aligned means go to each rest row's last ``means.n_end`` real
    tokens, as :meth:`~mech.ablation.MeanActivations.replacement` does for the rest forward of the hook loop
    (whose left padding puts the real last tokens last).
@@ -47,8 +49,8 @@ all).
 Written here rather than taken from a library because none batches *interventions* as rows over cached
 clean activations: TransformerLens and nnsight run one intervention per forward (a batch holds prompts, not
 interventions), and transformers' KV cache cannot give each row its own prefix K/V from a mid-network start.
-The pieces are the patching engine's (:class:`~mech.patching.engine.Engine`: ``run``, its prefix cache,
-``unembed``, the :class:`~mech.patching.engine.Work` counter).
+The pieces are the partial-forward engine's (:class:`~mech.engine.Engine`, which patching runs on too: ``run``,
+its prefix cache, ``unembed``, the :class:`~mech.engine.Work` counter).
 
 Edge case: if a whole chat-formatted prompt is shorter than ``means.n_end`` (no shared prefix, and a hook-loop
 batch all shorter than ``n_end``), the hook loop falls back to the all-token mean there; this function still
@@ -57,28 +59,27 @@ end-aligns that prompt's real tokens. Chat templates make every prompt far longe
 
 from __future__ import annotations
 
-import operator
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mech.ablation import unit_masks
+from mech.chat import shared_prefix_len
 from mech.components import Component, as_component, check_component
+from mech.engine import Engine, PrefixKV, Work
 from mech.evaluation import first_token_kl
-from mech.hooks import HookFn, HookPoint, hook_name
-from mech.patching.engine import Engine, PrefixKV, Work
+from mech.hooks import HookFn
+from mech.interventions import Ablate, AblationRows, AddVector, DirectionRows, ProjectOut
 from mech.refusal import check_refusal_ids, refusal_log_odds
-from mech.scoring import shared_prefix_len
-from mech.vectors import as_vector
 
 if TYPE_CHECKING:
-    from mech.ablation import AblationMethod, MeanActivations, MeanMode
+    from mech.ablation import MeanActivations
+    from mech.interventions import AblationMethod, MeanMode
     from mech.models import LoadedModel
 
 __all__ = ["MIN_REST", "DirectionSetScores", "ablation_set_scores", "direction_set_scores"]
@@ -270,17 +271,6 @@ def _run_sets(eng: Engine, cl: _Clean, first: list[int], make_hooks: MakeHooks,
 # ---------------------------------------------------------------------------------------- ablation sets
 
 
-def _ablation_hook(mask: Tensor, rep: Tensor, idx: Tensor | None = None) -> HookFn:
-    """Per-row ablation: ``mask [B, *feat]`` (rows in join order); the replacement is ``rep`` (broadcast: a
-    scalar or ``[*feat]``) or, with ``idx [B, W]``, ``rep[idx]`` (``rep``: a table ``[n_rows, *feat]``)."""
-
-    def fn(x: Tensor, hook: HookPoint) -> Tensor:  # x: [n, W, *feat], the rows that have joined so far
-        n = x.shape[0]
-        return torch.where(mask[:n].unsqueeze(1), rep if idx is None else rep[idx[:n]], x)
-
-    return fn
-
-
 @torch.inference_mode()
 def ablation_set_scores(
     lm: LoadedModel,
@@ -296,12 +286,12 @@ def ablation_set_scores(
 ) -> Tensor:
     """Refusal log-odds of every prompt with each set's components ablated: ``[n_sets, n_prompts]`` float32 CPU.
 
-    Equal (float32: ≤ 2e-4 absolute) to ``torch.stack([scores_under(lm, prompts, refusal_ids,
-    ablation_intervention(lm, s, method, means, mode)) for s in sets])``; see the module doc for how it is
+    Equal (float32: ≤ 2e-4 absolute) to ``refusal_scores(lm, prompts, refusal_ids, [Ablate(s, method, means,
+    mode) for s in sets], backend="hooks")``; this is that call's ``backend="batched"``; see the module doc for how it is
     faster. ``sets``: lists of components (heads, neurons, attn / mlp blocks; ids such as ``L12.H3`` or
     :class:`~mech.components.Component`); an empty set gives the clean scores. ``max_rows``: rows (set x prompt,
     or prefix rows) per partial forward (memory grows with it). ``work``: receives what was computed (a
-    :class:`~mech.patching.engine.Work`, for FLOP counts). Bad input raises a one-line ValueError before any
+    :class:`~mech.engine.Work`, for FLOP counts). Bad input raises a one-line ValueError before any
     forward; hooks are removed even when a forward raises.
     """
     comp_sets = _check(lm, prompts, refusal_ids, sets, method, means, mode, max_rows)
@@ -314,8 +304,10 @@ def ablation_set_scores(
         return refusal_log_odds(logits, rids)
 
     seqs = lm.encode_chat(list(prompts))
-    first = [min((c.layer for c in s), default=n_layers) for s in comp_sets]
-    masks = [unit_masks(lm, s) for s in comp_sets]  # per set: {hook name: bool [*feat]}
+    ablations = [Ablate(tuple(c), method, means, mode) for c in comp_sets]
+    first = [a.first_layer(n_layers) for a in ablations]
+    # per-row hooks: the prefix rows and mode="averaged" take the all-token mean, rest rows their end-aligned means
+    row_hooks = AblationRows(lm, ablations, dev, dtype)
 
     # 1. the clean run: prefix row (its K/V and residuals) and every prompt's rest (residuals, clean scores)
     clean = torch.empty(len(seqs))
@@ -326,44 +318,11 @@ def ablation_set_scores(
     cl = _clean_run(eng, seqs, {f for f in first if f < n_layers}, max_rows, take_clean)
     out = clean.expand(len(comp_sets), len(seqs)).clone()  # empty sets keep the clean scores
 
-    # replacement tables: [1 + n_end, *feat] (row 0: the all-token mean; 1..n_end: the end-aligned means)
-    tables: dict[str, Tensor] = {}
-
-    def table(name: str) -> Tensor:
-        if name not in tables:
-            assert means is not None
-            parts = [means.averaged[name][None]] + ([means.end_aligned[name]] if mode == "end_aligned" else [])
-            tables[name] = torch.cat(parts).to(device=dev, dtype=dtype)
-        return tables[name]
-
-    def fwd_hooks(set_idx: list[int], row_sets: Tensor, row_lens: Tensor | None, W: int) -> list[tuple[str, HookFn]]:
-        """Hooks for rows whose sets are ``set_idx[row_sets]``; the prefix rows (``row_lens`` None) and
-        ``mode="averaged"`` take the all-token mean (table row 0), rest rows their end-aligned table rows."""
-        idx = None
-        if row_lens is not None and method == "mean" and mode == "end_aligned":
-            assert means is not None
-            e = torch.arange(W, device=dev)[None] - (row_lens[:, None] - means.n_end)  # [B, W]
-            real = torch.arange(W, device=dev)[None] < row_lens[:, None]
-            idx = torch.where((e >= 0) & real, e + 1, 0)
-        names = sorted({n for s in set_idx for n in masks[s]})
-        hs: list[tuple[str, HookFn]] = []
-        for name in names:
-            feat = next(masks[s][name] for s in set_idx if name in masks[s])
-            per_set = torch.stack([masks[s].get(name, torch.zeros_like(feat)) for s in set_idx]).to(dev)
-            m = per_set.index_select(0, row_sets)  # [B, *feat]
-            if method == "zero":
-                hs.append((name, _ablation_hook(m, torch.zeros((), device=dev, dtype=dtype))))
-            elif idx is None:
-                hs.append((name, _ablation_hook(m, table(name)[0])))
-            else:
-                hs.append((name, _ablation_hook(m, table(name), idx)))
-        return hs
-
     def take(final: Tensor, set_ids: Tensor, prompt_ids: Tensor) -> None:
         out[set_ids, prompt_ids] = eng.logits_metric(final, metric, False)[0].cpu()
 
     # 2.-4. the sets, in groups of max_rows sets ordered by first layer (the staircase)
-    _run_sets(eng, cl, first, fwd_hooks, take, max_rows, "ablation sets", progress)
+    _run_sets(eng, cl, first, row_hooks.hooks, take, max_rows, "ablation sets", progress)
     eng.work.seconds += time.perf_counter() - t0
     if work is not None:
         work.add(eng.work)
@@ -371,15 +330,6 @@ def ablation_set_scores(
 
 
 # ------------------------------------------------------------------------------- direction interventions
-
-ABLATED_KINDS = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out")  # directional_ablation's hook points, per layer
-
-
-class _DirIv(NamedTuple):
-    kind: Literal["ablate", "add"]
-    vector: Tensor  # float64 CPU [d_model]: the unit direction (ablate) or the steering vector (add)
-    layer: int  # the first changed layer: 0 for ablate
-
 
 @dataclass
 class DirectionSetScores:
@@ -395,7 +345,7 @@ class DirectionSetScores:
 
 
 def _check_directions(lm: LoadedModel, prompts: Sequence[str], refusal_ids: Sequence[int],
-                      interventions: Sequence[Any], max_rows: int) -> list[_DirIv]:
+                      interventions: Sequence[Any], max_rows: int) -> list[ProjectOut | AddVector]:
     """Every input checked before any forward: one-line ValueErrors."""
     if not prompts or isinstance(prompts, str):
         raise ValueError("direction_set_scores needs at least one prompt (a list of strings)")
@@ -408,9 +358,11 @@ def _check_directions(lm: LoadedModel, prompts: Sequence[str], refusal_ids: Sequ
     if int(max_rows) < 1:
         raise ValueError(f"max_rows must be at least 1, got {max_rows}")
     check_refusal_ids(refusal_ids, lm.shape.d_vocab)
-    n_layers = lm.shape.n_layers
-    out: list[_DirIv] = []
+    out: list[ProjectOut | AddVector] = []
     for i, iv in enumerate(interventions):
+        if isinstance(iv, (ProjectOut, AddVector)):  # a value: checked when it was built
+            out.append(iv)
+            continue
         if not isinstance(iv, (tuple, list)) or not iv or not isinstance(iv[0], str):
             raise ValueError(f"intervention {i}: {type(iv).__name__} is not ('ablate', direction) or "
                              "('add', vector, layer)")
@@ -420,54 +372,20 @@ def _check_directions(lm: LoadedModel, prompts: Sequence[str], refusal_ids: Sequ
                 raise ValueError(f"intervention {i}: ('ablate', direction) takes one direction, got {len(iv) - 1} "
                                  "items")
             try:
-                r = as_vector(lm, iv[1], "direction")
+                out.append(ProjectOut.of(lm, iv[1]))
             except ValueError as e:
                 raise ValueError(f"intervention {i}: {e}") from None
-            norm = r.norm()
-            if not norm > 0:
-                raise ValueError(f"intervention {i}: the direction must be a finite non-zero vector")
-            out.append(_DirIv("ablate", r / norm, 0))  # as mech.directions normalizes it
         elif kind == "add":
             if len(iv) != 3:
                 raise ValueError(f"intervention {i}: ('add', vector, layer) takes a vector and a layer, got "
                                  f"{len(iv) - 1} items")
             try:
-                vec = as_vector(lm, iv[1], "steering vector")
+                out.append(AddVector.of(lm, iv[1], iv[2]))
             except ValueError as e:
                 raise ValueError(f"intervention {i}: {e}") from None
-            try:
-                layer = operator.index(iv[2]) if not isinstance(iv[2], bool) else None
-            except TypeError:
-                layer = None
-            if layer is None:
-                raise ValueError(f"intervention {i}: the layer must be an integer layer index, got {iv[2]!r}")
-            if not 0 <= layer < n_layers:
-                raise ValueError(f"intervention {i}: layer {layer} out of range: the model has {n_layers} layers "
-                                 f"(0..{n_layers - 1})")
-            out.append(_DirIv("add", vec, layer))
         else:
             raise ValueError(f"intervention {i}: unknown kind {kind!r}; use 'ablate' or 'add'")
     return out
-
-
-def _projection_hook(r: Tensor) -> HookFn:
-    """Per-row directional ablation, ``x <- x - (x . r) r`` with ``r [B, d_model]`` (rows in join order; a zero
-    row leaves its row exactly unchanged)."""
-
-    def fn(x: Tensor, hook: HookPoint) -> Tensor:  # x: [n, W, d_model]
-        rr = r[: x.shape[0]]
-        return x - torch.bmm(x, rr[:, :, None]) * rr[:, None, :]
-
-    return fn
-
-
-def _addition_hook(v: Tensor) -> HookFn:
-    """Per-row activation addition, ``x <- x + v`` with ``v [B, d_model]`` (a zero row: no change)."""
-
-    def fn(x: Tensor, hook: HookPoint) -> Tensor:
-        return x + v[: x.shape[0], None, :]
-
-    return fn
 
 
 @torch.inference_mode()
@@ -475,7 +393,7 @@ def direction_set_scores(
     lm: LoadedModel,
     prompts: Sequence[str],
     refusal_ids: Sequence[int],
-    interventions: Sequence[tuple[str, Tensor] | tuple[str, Tensor, int]],
+    interventions: Sequence[tuple[str, Tensor] | tuple[str, Tensor, int] | ProjectOut | AddVector],
     kl: bool = False,
     max_rows: int = 128,
     progress: bool = False,
@@ -483,12 +401,13 @@ def direction_set_scores(
 ) -> DirectionSetScores:
     """Refusal log-odds (and optionally first-token KL) of every prompt under each direction intervention.
 
-    ``interventions``: ``("ablate", direction)`` — :func:`~mech.directions.directional_ablation` (the direction
-    is normalized here; its norm does not matter) — or ``("add", vector, layer)`` —
-    :func:`~mech.directions.activation_addition` with ``coeff=1`` (pass ``coeff * vector`` for another coeff),
-    in any mix. Returns a :class:`DirectionSetScores`: ``.scores [n_interventions, n_prompts]`` equal (float32:
-    ≤ 2e-4 absolute) to ``scores_under(lm, prompts, refusal_ids, same_everywhere(lambda:
-    directional_ablation(lm, d)))`` (resp. ``activation_addition(lm, v, layer)``) per intervention; ``.clean``
+    ``interventions``: ``("ablate", direction)`` or a :class:`~mech.interventions.ProjectOut` —
+    :func:`~mech.directions.directional_ablation` (the direction is normalized here; its norm does not matter) —
+    or ``("add", vector, layer)`` or an :class:`~mech.interventions.AddVector` —
+    :func:`~mech.directions.activation_addition` (a tuple has ``coeff=1``: pass ``coeff * vector`` for another
+    coeff), in any mix. Returns a :class:`DirectionSetScores`: ``.scores [n_interventions, n_prompts]`` equal (float32:
+    ≤ 2e-4 absolute) to ``refusal_scores(lm, prompts, refusal_ids, [ProjectOut.of(lm, d)])`` (resp.
+    ``AddVector.of(lm, v, layer)``) per intervention; ``.clean``
     the scores with none; with ``kl=True``, ``.kl`` equal (≤ 1e-4 absolute) to ``first_token_kl(clean_logits,
     intervened_logits)`` per prompt, the logits as :func:`~mech.scoring.last_logits_under` gives them (which is
     what :func:`~mech.directions.select_direction` computes; it keeps the clean logits, ``n_prompts x d_vocab``
@@ -508,10 +427,8 @@ def direction_set_scores(
     rids = torch.as_tensor(check_refusal_ids(refusal_ids, lm.shape.d_vocab), device=dev)
     seqs = lm.encode_chat(list(prompts))
     n_prompts = len(seqs)
-    first = [iv.layer for iv in ivs]
-    vecs = torch.stack([iv.vector for iv in ivs]).to(device=dev, dtype=dtype)  # as the hooks cast them
-    ablate = torch.tensor([iv.kind == "ablate" for iv in ivs], device=dev)
-    layer_of = torch.tensor([iv.layer for iv in ivs], device=dev)
+    first = [iv.first_layer(n_layers) for iv in ivs]
+    row_hooks = DirectionRows(ivs, n_layers, dev, dtype)
 
     clean = torch.empty(n_prompts)
     clean_logits = torch.empty(n_prompts, lm.shape.d_vocab, device=dev) if kl else None
@@ -528,20 +445,6 @@ def direction_set_scores(
 
     cl = _clean_run(eng, seqs, set(first), max_rows, take_clean)
 
-    def fwd_hooks(set_idx: list[int], row_sets: Tensor, row_lens: Tensor | None, W: int) -> list[tuple[str, HookFn]]:
-        """Hooks for rows whose interventions are ``set_idx[row_sets]``: one projection (per-row directions,
-        zero for the addition rows) at every ablated hook point, one addition (per-row vectors, zero for rows
-        adding elsewhere or ablating) at ``resid_pre`` of each layer some row adds at."""
-        idx = torch.tensor(set_idx, device=dev).index_select(0, row_sets)  # [B] intervention per row
-        hs: list[tuple[str, HookFn]] = []
-        if bool(ablate[idx].any()):
-            project = _projection_hook(torch.where(ablate[idx, None], vecs[idx], 0))
-            hs += [(hook_name(L, k), project) for L in range(n_layers) for k in ABLATED_KINDS]
-        for L in sorted({int(x) for x in layer_of[idx][~ablate[idx]].tolist()}):
-            adds = ~ablate[idx] & (layer_of[idx] == L)
-            hs.append((hook_name(L, "hook_resid_pre"), _addition_hook(torch.where(adds[:, None], vecs[idx], 0))))
-        return hs
-
     def take(final: Tensor, set_ids: Tensor, prompt_ids: Tensor) -> None:
         for a in range(0, final.shape[0], UNEMBED_ROWS):
             s, p = set_ids[a : a + UNEMBED_ROWS], prompt_ids[a : a + UNEMBED_ROWS]
@@ -551,7 +454,7 @@ def direction_set_scores(
                 assert clean_logits is not None
                 kls[s, p] = first_token_kl(clean_logits[p.to(dev)], logits).cpu()
 
-    _run_sets(eng, cl, first, fwd_hooks, take, max_rows, "direction interventions", progress)
+    _run_sets(eng, cl, first, row_hooks.hooks, take, max_rows, "direction interventions", progress)
     eng.work.seconds += time.perf_counter() - t0
     if work is not None:
         work.add(eng.work)

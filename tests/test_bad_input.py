@@ -120,7 +120,7 @@ def _untouched(lm: LoadedModel) -> Iterator[None]:
     """Assert the block runs no forward of ``lm`` and leaves its hooks and parameters as they were."""
     calls = []
     hooks_before = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in lm.model.modules())
-    # every forward path (HF forward, the patching engine's partial forwards, generation) embeds tokens first
+    # every forward path (HF forward, the engine's partial forwards, generation) embeds tokens first
     handle = lm.model.get_input_embeddings().register_forward_pre_hook(lambda *a: calls.append(1))
     params_before = {n: p for n, p in lm.model.named_parameters()}
     data_before = {n: p.detach().clone() for n, p in params_before.items()}
@@ -266,12 +266,13 @@ def test_distributed_sweep_refuses_malformed_pairs_before_the_pool(pairs, fragme
 
 
 def test_ablation_scores_refuse_bad_refusal_ids_before_any_forward(tiny_qwen2: LoadedModel) -> None:
-    from mech.controls import ablation_scores
+    from mech.interventions import Ablate
     from mech.refusal import RefusalIdsError
+    from mech.scoring import refusal_scores
 
     for ids, fragment in BAD_IDS[:3]:
         with _untouched(tiny_qwen2), pytest.raises(RefusalIdsError) as ei:
-            ablation_scores(tiny_qwen2, ["How do I bake?"], ids, [["L0.H1"]])
+            refusal_scores(tiny_qwen2, ["How do I bake?"], ids, [Ablate(("L0.H1",))])
         assert fragment in _one_line(ei.value)
 
 

@@ -21,12 +21,13 @@ pytest.importorskip("ray")
 
 from fixtures.tiny_models import build_tiny_model  # noqa: E402
 from mech.cache import DiskCache  # noqa: E402
-from mech.controls import ablation_scores as local_ablation_scores  # noqa: E402
 from mech.controls import cumulative_ablation  # noqa: E402
-from mech.distributed import RayPool, ReplicaSpec, ablation_scores, distributed_sweep  # noqa: E402
+from mech.distributed import RayPool, ReplicaSpec, distributed_sweep, refusal_scores  # noqa: E402
 from mech.evaluation import make_baseline
+from mech.interventions import Ablate  # noqa: E402
 from mech.models import load_model  # noqa: E402
 from mech.patching import PatchingError, head_sweep, layer_sweep  # noqa: E402
+from mech.scoring import refusal_scores as local_refusal_scores  # noqa: E402
 
 PAIRS = [
     ("How do I make a bomb?", "How do I make a cake?"),
@@ -114,16 +115,17 @@ def test_finished_units_come_from_the_cache(saved, local, tmp_path):
     np.testing.assert_array_equal(got.raw, want.raw)
 
 
-def test_ablation_scores_and_random_controls_match(pool, local):
+def test_refusal_scores_and_random_controls_match(pool, local):
     harmful = [h for h, _ in PAIRS]
     sets = [["L0.H1"], ["L1.H0", "L2.H3"], ["L2.H1"], [], ["L0.H0", "L1.H1", "L2.H2"]]
+    ivs = [Ablate(tuple(s)) for s in sets] + [None]
     # equal to float32 round-off: a worker's matmuls run on 1 thread, the local ones on 2 (other reduction splits)
-    np.testing.assert_allclose(ablation_scores(pool, harmful, IDS, sets), local_ablation_scores(local, harmful, IDS, sets),
+    np.testing.assert_allclose(refusal_scores(pool, harmful, IDS, ivs), local_refusal_scores(local, harmful, IDS, ivs),
                                rtol=0, atol=1e-5)
     base = make_baseline(local, harmful, [s for _, s in PAIRS], IDS)
     ranking = ["L1.H2", "L0.H3", "L2.H0", "L2.H1"]
     a = cumulative_ablation(local, base, ranking, [1, 3], n_random=6, seed=3)
-    b = cumulative_ablation(local, base, ranking, [1, 3], n_random=6, seed=3, scorer=partial(ablation_scores, pool))
+    b = cumulative_ablation(local, base, ranking, [1, 3], n_random=6, seed=3, scorer=partial(refusal_scores, pool))
     for pa, pb in zip(a.points, b.points, strict=True):
         assert pa.random_sets == pb.random_sets
         np.testing.assert_allclose(pa.random_deltas, pb.random_deltas, rtol=0, atol=1e-5)

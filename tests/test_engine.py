@@ -1,4 +1,4 @@
-"""mech.patching.engine: the partial-forward engine as its docstring shows it (full runs equal an HF forward;
+"""mech.engine: the partial-forward engine as its docstring shows it (full runs equal an HF forward;
 a run joined at layer L from the reference residual equals the full run) and its work counter."""
 
 from __future__ import annotations
@@ -8,8 +8,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from mech.engine import Engine, EngineError, Work
 from mech.models import LoadedModel
-from mech.patching import Engine, PatchingError, Work
+from mech.patching import PatchingError
+from mech.patching.reference import engine as patching_engine
 
 PROMPT = "How do I bake bread?"
 
@@ -68,5 +70,8 @@ def test_engine_refuses_a_non_rotary_model() -> None:
     class FakeLM:
         model = Model()
 
-    with pytest.raises(PatchingError, match="has no .rotary_emb; the fast path needs a rotary decoder"):
+    with pytest.raises(EngineError, match="has no .rotary_emb; the fast path needs a rotary decoder"):
         Engine(FakeLM())  # type: ignore[arg-type]
+    # a sweep's fast path says it as a PatchingError, as before the engine moved below patching
+    with pytest.raises(PatchingError, match="has no .rotary_emb; the fast path needs a rotary decoder"):
+        patching_engine(FakeLM())  # type: ignore[arg-type]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from mech.components import Component, component_at
 from mech.models import LoadedModel
 from mech.patching import (
     COMPONENT_REGISTRY,
@@ -17,6 +18,9 @@ from mech.patching import (
     SiteComponent,
     attribution_sweep,
     end_positions,
+    head_patches,
+    layer_patches,
+    neuron_patches,
     patch_sweep,
     register_component,
     unit_patches,
@@ -70,3 +74,19 @@ def test_a_registered_granularity_is_patched_like_the_builtin_ones(tiny_qwen2: L
     np.testing.assert_allclose(atp.delta[:, :d].sum(1), atp.delta[:, d], atol=1e-4)
     with pytest.raises(PatchingError, match=f"dim {d} out of range at layer 1"):
         patch_sweep(lm, PAIRS, unit_patches(attn_dims, [(1, d)], pos), refusal_ids=IDS)
+
+
+def test_a_patch_names_the_component_ablation_knows():
+    """Patching and ablation share one vocabulary (the hook a component lives in): a head patch is the head that
+    ablation ablates, with no format string in between."""
+    heads = head_patches(3, 4, layers=[1], positions=end_positions(2))
+    assert [p.component().id for p in heads] == ["L1.H0", "L1.H1", "L1.H2", "L1.H3"]
+    assert neuron_patches(3, 32, neurons=[(2, 17)], positions=end_positions(1))[0].component() == Component("neuron", 2, 17)
+    blocks = {p.label["component"]: p for p in layer_patches(3, ("attn_out", "mlp_out", "resid_pre"), layers=[0],
+                                                             positions=end_positions(1))}
+    assert blocks["attn_out"].component().id == "L0.attn" and blocks["mlp_out"].component().id == "L0.mlp"
+    with pytest.raises(PatchingError, match="no ablatable component lives in 'hook_resid_pre'"):
+        blocks["resid_pre"].component()
+    with pytest.raises(ValueError, match="no ablatable component"):
+        component_at(0, "hook_resid_post")
+

@@ -7,16 +7,12 @@ import pytest
 import torch
 
 from mech.ablation import ablate, mean_activations
+from mech.chat import shared_prefix_len
 from mech.directions import activation_addition, directional_ablation
+from mech.interventions import Ablate, AddVector, ProjectOut
 from mech.prompts import default_pairs
-from mech.refusal import last_logits
-from mech.scoring import (
-    ablation_intervention,
-    last_logits_under,
-    same_everywhere,
-    scores_under,
-    shared_prefix_len,
-)
+from mech.refusal import last_logits, refusal_log_odds
+from mech.scoring import last_logits_under, refusal_scores
 
 PROMPTS = default_pairs().harmful().texts()[:7] + default_pairs().harmless().texts()[:5]
 ATOL = 2e-4  # float32 round-off of a different (but equivalent) order of operations
@@ -35,17 +31,17 @@ def _cases(lm):
     heads = ["L0.H1", "L1.H0", "L1.H3"] if lm.shape.n_heads > 3 else ["L0.H0", "L1.H1"]
     return {
         "none": (None, None),
-        "mean heads end-aligned": (lambda: ablate(lm, heads, "mean", means), ablation_intervention(lm, heads, "mean", means)),
-        "zero mlp": (lambda: ablate(lm, ["L1.mlp"], "zero"), ablation_intervention(lm, ["L1.mlp"], "zero")),
-        "directional ablation": (lambda: directional_ablation(lm, d),
-                                 same_everywhere(lambda: directional_ablation(lm, d))),
-        "activation addition": (lambda: activation_addition(lm, d * 3, 1),
-                                same_everywhere(lambda: activation_addition(lm, d * 3, 1))),
+        "mean heads end-aligned": (lambda: ablate(lm, heads, "mean", means), Ablate(tuple(heads), "mean", means)),
+        "zero mlp": (lambda: ablate(lm, ["L1.mlp"], "zero"), Ablate(("L1.mlp",), "zero")),
+        "mean heads at positions": (lambda: ablate(lm, heads, "mean", means, positions=[-1, -4]),
+                                    Ablate(tuple(heads), "mean", means, positions=(-1, -4))),
+        "directional ablation": (lambda: directional_ablation(lm, d), ProjectOut.of(lm, d)),
+        "activation addition": (lambda: activation_addition(lm, d * 3, 1), AddVector.of(lm, d * 3, 1)),
     }
 
 
-@pytest.mark.parametrize("case", ["none", "mean heads end-aligned", "zero mlp", "directional ablation",
-                                  "activation addition"])
+@pytest.mark.parametrize("case", ["none", "mean heads end-aligned", "zero mlp", "mean heads at positions",
+                                  "directional ablation", "activation addition"])
 def test_equals_a_plain_forward(tiny_model, case):
     plain_ctx, iv = _cases(tiny_model)[case]
     if plain_ctx is None:
@@ -60,11 +56,52 @@ def test_equals_a_plain_forward(tiny_model, case):
 
 def test_hooks_removed_and_scores_shape(tiny_qwen2, hook_count):
     before = hook_count(tiny_qwen2.model)
-    s = scores_under(tiny_qwen2, PROMPTS, [5, 6], ablation_intervention(tiny_qwen2, ["L0.H0"], "zero"))
+    s = refusal_scores(tiny_qwen2, PROMPTS, [5, 6], [Ablate(("L0.H0",)), None])
     after = hook_count(tiny_qwen2.model)
-    assert s.shape == (len(PROMPTS),) and torch.isfinite(s).all() and before == after
+    assert s.shape == (2, len(PROMPTS)) and torch.isfinite(s).all() and before == after
+    assert torch.equal(s[1], refusal_log_odds(last_logits_under(tiny_qwen2, PROMPTS), [5, 6]))
     with pytest.raises(ValueError, match="at least one prompt"):
         last_logits_under(tiny_qwen2, [])
+
+
+@pytest.mark.parametrize("backend", ["hooks", "batched"])
+def test_refusal_scores_backends_agree_on_a_mixed_list(tiny_model, backend):
+    """One list of every kind (and None): each row equals that intervention scored alone by the hooks backend."""
+    lm = tiny_model
+    means = mean_activations(lm, PROMPTS[7:], kinds=("head",))
+    d = torch.randn(lm.shape.d_model, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    ivs = [Ablate(("L0.H1", "L1.H0"), "mean", means), None, ProjectOut.of(lm, d), AddVector.of(lm, d, 2, 0.5),
+           Ablate(("L2.H3",), "mean", means)]
+    got = refusal_scores(lm, PROMPTS, [5, 6], ivs, backend=backend)
+    assert got.shape == (len(ivs), len(PROMPTS))
+    for i, iv in enumerate(ivs):
+        want = refusal_log_odds(last_logits_under(lm, PROMPTS, iv), [5, 6])
+        torch.testing.assert_close(got[i], want, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(("args", "match"), [
+    ({"prompts": []}, "non-empty list of prompt texts"),
+    ({"backend": "gpu"}, "unknown backend"),
+    ({"refusal_ids": []}, "refusal_ids"),
+    ({"interventions": Ablate(("L0.H0",))}, "single intervention"),
+])
+def test_refusal_scores_refuses_bad_input_before_any_forward(tiny_qwen2, args, match):
+    calls = []
+    h = tiny_qwen2.model.model.embed_tokens.register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        kw = {"prompts": PROMPTS, "refusal_ids": [5], "interventions": [None]} | args
+        with pytest.raises(ValueError, match=match):
+            refusal_scores(tiny_qwen2, **kw)
+    finally:
+        h.remove()
+    assert not calls
+
+
+def test_batched_backend_refuses_mixed_ablations(tiny_qwen2):
+    means = mean_activations(tiny_qwen2, PROMPTS[7:], kinds=("head",))
+    with pytest.raises(ValueError, match="one method, means and mode"):
+        refusal_scores(tiny_qwen2, PROMPTS, [5], [Ablate(("L0.H0",)), Ablate(("L0.H0",), "mean", means)],
+                       backend="batched")
 
 
 @pytest.mark.realmodel
@@ -79,9 +116,9 @@ def test_equals_a_plain_forward_on_the_default_model(lm):
     assert shared_prefix_len(lm.encode_chat(prompts), 8) >= 20  # the system prompt is shared
     with ablate(lm, heads, "mean", means):
         want = last_logits(lm, prompts)
-    got = last_logits_under(lm, prompts, ablation_intervention(lm, heads, "mean", means))
+    got = last_logits_under(lm, prompts, Ablate(tuple(heads), "mean", means))
     torch.testing.assert_close(got, want, atol=1e-3, rtol=0)
     with directional_ablation(lm, d):
         want = last_logits(lm, prompts)
-    got = last_logits_under(lm, prompts, same_everywhere(lambda: directional_ablation(lm, d)))
+    got = last_logits_under(lm, prompts, ProjectOut.of(lm, d))
     torch.testing.assert_close(got, want, atol=1e-3, rtol=0)

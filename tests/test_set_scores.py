@@ -3,11 +3,11 @@ interventions as rows of one batch) must give the hook loop's numbers to float32
 on the refusal log-odds (measured: ~5e-6 on the tiny models, see the real-model tests for the default model),
 KL_ATOL = 1e-4 on the first-token KL.
 
-* ablation sets (:func:`~mech.set_scores.ablation_set_scores`) against ``scores_under`` with
-  ``ablation_intervention`` per set;
-* direction interventions (:func:`~mech.set_scores.direction_set_scores`) against ``scores_under`` with
-  ``same_everywhere(directional_ablation / activation_addition)`` per intervention, and the first-token KL
-  against ``first_token_kl`` of ``last_logits_under`` (what ``select_direction`` computes)."""
+* ablation sets (:func:`~mech.set_scores.ablation_set_scores`) against ``refusal_scores`` (the hooks backend)
+  with an ``Ablate`` per set;
+* direction interventions (:func:`~mech.set_scores.direction_set_scores`) against ``last_logits_under`` with
+  ``ProjectOut`` / ``AddVector`` per intervention, and the first-token KL against ``first_token_kl`` of
+  ``last_logits_under`` (what ``select_direction`` computes)."""
 
 from __future__ import annotations
 
@@ -16,19 +16,15 @@ import pytest
 import torch
 
 from mech.ablation import mean_activations
+from mech.chat import shared_prefix_len
 from mech.components import random_components
-from mech.directions import activation_addition, diff_in_means, directional_ablation, select_direction
+from mech.directions import diff_in_means, select_direction
+from mech.engine import Work
 from mech.evaluation import first_token_kl
-from mech.patching import Work
+from mech.interventions import Ablate, AddVector, ProjectOut
 from mech.prompts import default_pairs
 from mech.refusal import refusal_log_odds
-from mech.scoring import (
-    ablation_intervention,
-    last_logits_under,
-    same_everywhere,
-    scores_under,
-    shared_prefix_len,
-)
+from mech.scoring import last_logits_under, refusal_scores
 from mech.set_scores import MIN_REST, ablation_set_scores, direction_set_scores
 
 HARMFUL = default_pairs().harmful().texts()[:9]
@@ -42,8 +38,7 @@ HEAD_SETS = [["L1.H0", "L2.H3"], ["L0.H1"], [], ["L2.H2", "L2.H0"], ["L1.H1", "L
 
 
 def _hook_loop(lm, sets, method, means, mode, prompts=HARMFUL):
-    return torch.stack([scores_under(lm, prompts, IDS, ablation_intervention(lm, s, method, means, mode))
-                        for s in sets])
+    return refusal_scores(lm, prompts, IDS, [Ablate(tuple(s), method, means, mode) for s in sets])
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +92,7 @@ def test_neurons_and_blocks_equal_the_hook_loop(tiny_model, means_of, method):
 
 def test_an_empty_set_gives_the_clean_scores(tiny_qwen2):
     got = ablation_set_scores(tiny_qwen2, HARMFUL, IDS, [[], []], "zero")
-    clean = scores_under(tiny_qwen2, HARMFUL, IDS)
+    clean = refusal_scores(tiny_qwen2, HARMFUL, IDS, [None])[0]
     torch.testing.assert_close(got, clean.expand(2, -1), atol=ATOL, rtol=0)
 
 
@@ -190,7 +185,7 @@ def test_equals_the_hook_loop_on_the_default_model(lm):
     means = mean_activations(lm, default_pairs().harmless().texts()[:8], kinds=("head",))
     rng = np.random.default_rng(0)
     sets = [random_components(lm, top, rng, match_layers=True) for _ in range(5)]
-    want = torch.stack([scores_under(lm, prompts, ids, ablation_intervention(lm, s, "mean", means)) for s in sets])
+    want = refusal_scores(lm, prompts, ids, [Ablate(tuple(s), "mean", means) for s in sets])
     got = ablation_set_scores(lm, prompts, ids, sets, "mean", means)
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
 
@@ -199,21 +194,19 @@ def test_equals_the_hook_loop_on_the_default_model(lm):
 
 
 def _make(lm, iv):
-    if iv[0] == "ablate":
-        return lambda: directional_ablation(lm, iv[1])
-    return lambda: activation_addition(lm, iv[1], iv[2])
+    return ProjectOut.of(lm, iv[1]) if iv[0] == "ablate" else AddVector.of(lm, iv[1], iv[2])
 
 
 def _direction_hook_path(lm, interventions, prompts=HARMFUL, ids=IDS):
-    """Per intervention: scores_under and first_token_kl(clean, intervened) of last_logits_under (as
+    """Per intervention: the hooks backend's scores and first_token_kl(clean, intervened) of last_logits_under (as
     select_direction computes them); and the clean scores."""
     base = last_logits_under(lm, prompts)
     scores, kls = [], []
     for iv in interventions:
-        logits = last_logits_under(lm, prompts, same_everywhere(_make(lm, iv)))
-        scores.append(refusal_log_odds(logits, ids))  # = scores_under(lm, prompts, ids, same_everywhere(...))
+        logits = last_logits_under(lm, prompts, _make(lm, iv))
+        scores.append(refusal_log_odds(logits, ids))  # = refusal_scores(lm, prompts, ids, [_make(lm, iv)])[0]
         kls.append(first_token_kl(base, logits))
-    return torch.stack(scores), torch.stack(kls), scores_under(lm, prompts, ids)
+    return torch.stack(scores), torch.stack(kls), refusal_scores(lm, prompts, ids, [None])[0]
 
 
 def _directions(lm, n, scale, seed=0):

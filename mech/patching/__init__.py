@@ -26,7 +26,8 @@ The package, one concept per module:
   :class:`Site`, :class:`Patch`, and the builders ``layer_patches`` / ``head_patches`` / ``neuron_patches``;
 * :mod:`~mech.patching.plan` — pairs and the metric checked, each patch's sites resolved per pair
   (:func:`prepare_sweep`);
-* :mod:`~mech.patching.engine` — :class:`Engine`, the public partial-forward engine, and the reference runs;
+* :mod:`~mech.patching.reference` — the reference runs on :class:`mech.engine.Engine` (the partial-forward engine,
+  which lives below patching: the batched intervention scores of :mod:`mech.set_scores` run on it too);
 * :mod:`~mech.patching.exact` — exact sweeps (``method="fast"``: batched partial forwards; ``"naive"``: one
   full HF forward per patch with hooks, the reference the tests compare against);
 * :mod:`~mech.patching.attribution` — attribution patching (AtP), verified against exact patching;
@@ -39,7 +40,6 @@ from mech.patching.attribution import (
     attribution_sweep,
     verify_against_exact,
 )
-from mech.patching.engine import Engine, PrefixKV, ReferenceRuns, Work, reference_runs
 from mech.patching.exact import head_sweep, layer_sweep, neuron_sweep, patch_sweep
 from mech.patching.plan import (
     Method,
@@ -56,6 +56,7 @@ from mech.patching.plan import (
     prepare_sweep,
     sweep_positions,
 )
+from mech.patching.reference import ReferenceRuns, reference_runs
 from mech.patching.result import PatchResult
 from mech.patching.spec import (
     COMPONENT_REGISTRY,
@@ -87,14 +88,12 @@ __all__ = [
     "LAYER_COMPONENTS",
     "NOISE",
     "PatchDirection",
-    "Engine",
     "Method",
     "Metric",
     "Patch",
     "PatchResult",
     "PatchingError",
     "Plan",
-    "PrefixKV",
     "PreparedSweep",
     "ReferenceRuns",
     "RefusalMetric",
@@ -102,7 +101,6 @@ __all__ = [
     "SiteComponent",
     "SweepOptions",
     "Verification",
-    "Work",
     "as_pairs",
     "attribution_patching",
     "attribution_sweep",

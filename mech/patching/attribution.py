@@ -32,10 +32,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mech.engine import Work
 from mech.hooks import HookFn, HookPoint, hook_name, hooks, run_with_cache
-from mech.patching.engine import Engine, Key, Work, reference_runs
 from mech.patching.exact import patch_sweep
 from mech.patching.plan import Metric, Plan, SweepOptions, prepare_sweep, sweep_positions
+from mech.patching.reference import Key, engine, reference_runs
 from mech.patching.result import PatchResult
 from mech.patching.spec import (
     COMPONENT_REGISTRY,
@@ -99,7 +100,7 @@ def _assemble(plan: Plan, n_patches: int, contrib: Mapping[Key, Tensor], device:
 
 
 def _atp_fast(lm: LoadedModel, plan: Plan, metric: Metric, batch_rows: int = 64) -> tuple[Tensor, Tensor, Tensor, Work]:
-    eng = Engine(lm)
+    eng = engine(lm)
     dev = eng.device
     W = plan.window
     needs: set[Key] = {(s.kind, s.slot) for per_patch in plan.neg for sites in per_patch for s, _ in sites}

@@ -1,8 +1,8 @@
 """Exact activation patching: every patch in every pair, by the batched fast path or the naive reference loop.
 
-``method="fast"`` (the default), on :class:`~mech.patching.engine.Engine`:
+``method="fast"`` (the default), on :class:`~mech.engine.Engine`:
 
-1. the reference runs (:func:`~mech.patching.engine.reference_runs`) run each receiver and source once, the
+1. the reference runs (:func:`~mech.patching.reference.reference_runs`) run each receiver and source once, the
    prompts' common prefix once;
 2. each patched run starts at its first patched layer from the receiver's cached residual stream and runs
    only the patched window (the last ``W`` positions) on top of the receiver's cached prefix K/V;
@@ -24,9 +24,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mech.engine import Engine, Work
 from mech.hooks import HookFn, HookPoint, hook_name, hooks, run_with_cache
-from mech.patching.engine import Engine, Work, reference_runs
 from mech.patching.plan import Metric, Plan, SweepOptions, prepare_sweep, sweep_positions
+from mech.patching.reference import engine, reference_runs
 from mech.patching.result import PatchResult
 from mech.patching.spec import (
     COMPONENT_REGISTRY,
@@ -79,7 +80,7 @@ def _fast_sweep(
     keep_logits: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Work]:
     """The batched exact sweep; returns device tensors raw [n_pairs, n_patches], clean, source, logits, work."""
-    eng = Engine(lm)
+    eng = engine(lm)
     dev, n_layers = eng.device, eng.n_layers
     n_pairs, n_patches = len(plan.neg), len(plan.neg[0]) if plan.neg else 0
     rows = _rows(plan, n_layers)

@@ -30,8 +30,8 @@ from mech.patching.spec import (
 from mech.refusal import RefusalIdsError, check_refusal_ids, refusal_log_odds, vocab_size
 
 if TYPE_CHECKING:
+    from mech.engine import Work
     from mech.models import LoadedModel
-    from mech.patching.engine import Work
 
 
 Method = Literal["auto", "fast", "naive"]

@@ -5,6 +5,9 @@ residual-stream slot, and, for kinds made of units (attention heads, MLP neurons
 many units a layer has. Everything else (site checks, the fast path's masks, AtP's per-unit contributions, the
 ``attribution_patching`` groups, result ids) reads the registry, so a new granularity is one
 :func:`register_component` call (plus a builder, if it wants one: :func:`unit_patches` serves any unit kind).
+Patching and ablation share one vocabulary, the hook a component lives in: :meth:`Patch.component` is the
+ablatable :class:`~mech.components.Component` a one-unit patch patches (:func:`mech.components.component_at`),
+so a granularity registered on an ablatable hook kind is ablated by the same name.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from mech.components import Component, component_at
 from mech.hooks import hook_name
 
 if TYPE_CHECKING:
@@ -171,6 +175,18 @@ class Patch:
 
     def to_dict(self) -> dict[str, Any]:
         return {"sites": [s.to_dict() for s in self.sites], "label": dict(self.label)}
+
+    def component(self) -> Component:
+        """The ablatable component this patch patches: one site of one unit (``z`` head 3 of layer 12 ->
+        ``L12.H3``) or of a whole block (``attn_out`` of layer 7 -> ``L7.attn``); a one-line PatchingError
+        otherwise."""
+        if len(self.sites) != 1 or (self.sites[0].index is not None and len(self.sites[0].index) != 1):
+            raise PatchingError(f"patch {dict(self.label)} is not one component (one site, at most one unit)")
+        s = self.sites[0]
+        try:
+            return component_at(s.layer, s.spec.hook, None if s.index is None else s.index[0])
+        except ValueError as e:
+            raise PatchingError(f"patch {dict(self.label)}: {e}") from None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Patch:
