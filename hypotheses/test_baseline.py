@@ -13,7 +13,7 @@ openings (derived on train prompts, so the AUROC is judged on validation and tes
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pytest
@@ -111,7 +111,8 @@ def _kappas(baseline: dict[str, Any], suite) -> dict[str, Any]:
     return out
 
 
-def _rate_claim(summary, suite, claim, category: str, label: str, alternative: str) -> tuple[dict, float]:
+def _rate_claim(summary, suite, claim, category: str, label: str, alternative: Literal["greater", "less"]
+                ) -> tuple[dict, float]:
     r = summary["categories"][category][label]
     p0 = suite.harmful_min if label == "harmful" else suite.harmless_max
     if not r["n"]:
