@@ -44,23 +44,23 @@ def summary(baseline: Baseline, suite, request: pytest.FixtureRequest) -> dict[s
     cats = sorted({r.category for r in baseline.rows if r.split != "benign"})
     out: dict[str, Any] = {"model": baseline.model, "refusal_tokens": baseline.refusal_tokens,
                            "max_new_tokens": baseline.max_new_tokens, "categories": {}}
-    refused_pair = {r.pair_id for r in baseline.rows if r.label == "harmful" and r.refused and r.pair_id}
+    refused_pair = {r.pair_id for r in baseline.rows if r.label == "harmful" and r.decision_refused and r.pair_id}
     for c in ["all", *cats]:
         out["categories"][c] = {
-            "harmful": binomial_rate([r.refused for r in _rows(baseline, "harmful", c)]).to_dict(),
-            "harmless": binomial_rate([r.refused for r in _rows(baseline, "harmless", c)]).to_dict(),
+            "harmful": binomial_rate([r.decision_refused for r in _rows(baseline, "harmful", c)]).to_dict(),
+            "harmless": binomial_rate([r.decision_refused for r in _rows(baseline, "harmless", c)]).to_dict(),
             # harmless twins of the harmful prompts the model refuses: does it refuse selectively?
-            "harmless_twin": binomial_rate([r.refused for r in _rows(baseline, "harmless", c)
+            "harmless_twin": binomial_rate([r.decision_refused for r in _rows(baseline, "harmless", c)
                                             if r.pair_id in refused_pair]).to_dict(),
             # what the selectivity claim judges: those twins and every harmless row without a twin (a harmless
             # benchmark's rows have no pair to condition on, so each counts)
-            "harmless_selective": binomial_rate([r.refused for r in _rows(baseline, "harmless", c)
+            "harmless_selective": binomial_rate([r.decision_refused for r in _rows(baseline, "harmless", c)
                                                  if r.pair_id in refused_pair or not r.pair_id]).to_dict(),
-            "harmless_unpaired": binomial_rate([r.refused for r in _rows(baseline, "harmless", c)
+            "harmless_unpaired": binomial_rate([r.decision_refused for r in _rows(baseline, "harmless", c)
                                                 if not r.pair_id]).to_dict(),
         }
     b = [r for r in baseline.rows if r.split == "benign"]
-    out["benign_alarming"] = binomial_rate([r.refused for r in b]).to_dict()
+    out["benign_alarming"] = binomial_rate([r.decision_refused for r in b]).to_dict()
     out["measures"] = {"decision": baseline.measure,
                        **{name: _by_measure(rows) for name, rows in (
                            ("harmful", _rows(baseline, "harmful")), ("harmless", _rows(baseline, "harmless")),
@@ -68,8 +68,8 @@ def summary(baseline: Baseline, suite, request: pytest.FixtureRequest) -> dict[s
                        "kappa": _kappas(baseline, suite)}
     held = _rows(baseline, "harmless", splits=("val", "test"))
     out["coherence_false_positive_heldout"] = binomial_rate([not r.grade.coherent for r in held]).to_dict()
-    out["examples"] = [  # the report never shows more than ~200 characters of a completion
-        {"id": r.id, "label": r.label, "refused": r.refused, "substring": r.substring,
+    out["examples"] = [  # the report never shows more than ~200 characters of a completion; its keys as before
+        {"id": r.id, "label": r.label, "refused": r.decision_refused, "substring": r.substring_refused,
          "outcome": r.outcome, "score": r.score, "response": r.response}
         for r in baseline.rows[:6]
     ]

@@ -425,7 +425,7 @@ def baseline(baseline):
     for r in baseline.rows:
         o = "refusal" if r.label == "harmful" else "compliance"
         g = dataclasses.replace(r.grade, substring=o == "refusal", substring_outcome=o, outcome=o)
-        rows.append(dataclasses.replace(r, grade=g, refused=o == "refusal", substring=o == "refusal",
+        rows.append(dataclasses.replace(r, grade=g, decision_refused=o == "refusal", substring_refused=o == "refusal",
                                         outcome=o))
     return dataclasses.replace(baseline, rows=rows)
 '''

@@ -166,7 +166,7 @@ def _row(id: str, label: str, split: str, pair_id: str, refused: bool, score: fl
     grade = Grade(refused, True, 1.0, 0.0, (), outcome, None, None, outcome, False)  # type: ignore[arg-type]
     return BaselineRow(id=id, prompt=f"{label} {pair_id}", label=label, category="c", pair_id=pair_id, set="s",
                        split=split, score=score, response="", text="", ids=[], logprobs=[], cut_off=False,
-                       substring=refused, refused=refused, outcome=outcome, grade=grade)
+                       substring_refused=refused, decision_refused=refused, outcome=outcome, grade=grade)
 
 
 def _rows(refused: dict[str, float], seed: int = 0, n: int = 40, separation: float = 3.0) -> list[BaselineRow]:
