@@ -116,7 +116,7 @@ def test_ablation_removes_refusal(circuit_ablation, baseline, suite, claim):
     decision measure is the judge with --judge, else substring + coherence; `not tested` below ``min_refusals``
     refusals at baseline). The substring-only and judge verdicts are reported beside it."""
     c = circuit_ablation
-    before, after = grades_before(baseline, c.prompts), c.grades_after
+    before, after = grades_before(baseline, c.prompt_ids), c.grades_after
     refused = sum(g.outcome == "refusal" for g in before)
     require(refused >= suite.min_refusals, f"only {refused} of {len(before)} harmful test prompts are refused "
                                            f"at baseline (needs {suite.min_refusals}): nothing to remove")
