@@ -115,7 +115,7 @@ def quantized_cpu_reason(config: pytest.Config) -> str | None:
 
 
 _NEEDS_GRADIENTS = ("atp_noise",)  # stages that backpropagate through the model
-_CATS = pytest.StashKey[list]()
+_CATS = pytest.StashKey[list[str]]()
 _LAYERS = pytest.StashKey[int]()
 
 
@@ -153,7 +153,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "category" in metafunc.fixturenames:
-        cats = list(metafunc.config.stash[_CATS])
+        cats: list[str] = metafunc.config.stash[_CATS]
         metafunc.parametrize("category", cats, ids=cats)
     if "late_layer" in metafunc.fixturenames:
         n = metafunc.config.stash[_LAYERS]

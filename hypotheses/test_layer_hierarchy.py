@@ -13,9 +13,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fixtures.h2_hierarchy import hierarchy_parts, resid_effect_per_pair
+from fixtures.h2_hierarchy import LayerProbe, hierarchy_parts, resid_effect_per_pair
 from mech import plots
-from mech.patching import PatchResult
 from mech.stats import (
     binomial_detectable_rate,
     binomial_pvalue,
@@ -43,7 +42,7 @@ def test_read_early_moved_later(layer_probe, layer_patching, lm, suite, claim, s
     refusal by the later layer fails (3); label-shuffled training data (nothing to read) fails (1). Content words
     alone, which any language model decodes early, pass (1) only: the decodability claim of earlier versions."""
     n = lm.shape.n_layers
-    val = layer_probe["val_accuracy"]
+    val = layer_probe.val_accuracy
     eff = resid_effect_per_pair(layer_patching)
     t = hierarchy_parts(layer_probe, eff, n, suite)
     parts, L1, L2, early, acc, null = t["parts"], t["L1"], t["L2"], t["early"], t["acc"], t["null"]
@@ -61,11 +60,11 @@ def test_read_early_moved_later(layer_probe, layer_patching, lm, suite, claim, s
     claim.record(p_parts=parts, layer=L1, move_layer=L2, chosen_on="validation", read_candidates=[0, early - 1],
                  val_accuracy=val[L1], test_accuracy=acc.rate, test_accuracy_ci=[acc.low, acc.high],
                  shuffled_mean=float(null.mean()), effect_at_read_layer=float(np.nanmean(e1)),
-                 effect_at_move_layer=float(np.nanmean(e2)), n_probe_pairs=layer_probe["n_test_pairs"])
+                 effect_at_move_layer=float(np.nanmean(e2)), n_probe_pairs=layer_probe.n_test_pairs)
     claim.uses(layer_probe, layer_patching)
     selection_stability.record(claim, "H2", L1)  # --set stability_resamples=B
-    claim.figure(plots.curve(list(range(n)), {"test accuracy": layer_probe["test_accuracy"], "validation accuracy": val,
-                                              "shuffled labels (mean)": np.array(layer_probe["null_accuracy"]).mean(0).tolist(),
+    claim.figure(plots.curve(list(range(n)), {"test accuracy": layer_probe.test_accuracy, "validation accuracy": val,
+                                              "shuffled labels (mean)": np.array(layer_probe.null_accuracy).mean(0).tolist(),
                                               "resid_pre patching effect": np.nanmean(eff, 0).tolist()},
                              "Read (probe accuracy) and moved (patching effect) by layer", "layer", "accuracy / effect"),
                  "Probe accuracy and patching effect by layer",
@@ -78,12 +77,12 @@ def test_read_early_moved_later(layer_probe, layer_patching, lm, suite, claim, s
         f"at L{L2} {np.nanmean(e2):.2f} (> {suite.rise_level}? p {parts['moved_at_L2']:.3g}): composite p = {p:.3g}")
 
 
-def _pairs_correct(layer_probe: dict, L: int) -> list[bool]:
+def _pairs_correct(layer_probe: LayerProbe, L: int) -> list[bool]:
     """Per test pair: the probe at layer ``L`` classifies both twins correctly (the pair is the independent unit:
     the twins share their wording). ``test_correct`` holds the harmful twins, then the harmless twins, in pair
     order."""
-    rows = [bool(row[L]) for row in layer_probe["test_correct"]]
-    n = layer_probe["n_test_pairs"]
+    rows = [bool(row[L]) for row in layer_probe.test_correct]
+    n = layer_probe.n_test_pairs
     if len(rows) != 2 * n:
         raise ValueError(f"layer_probe test_correct has {len(rows)} rows for {n} test pairs (expected {2 * n})")
     return [rows[i] and rows[n + i] for i in range(n)]
@@ -102,7 +101,7 @@ def test_harmfulness_stays_decodable(layer_probe, late_layer, lm, suite, claim):
                  unit=f"share of pairs − {suite.probe_min}",
                  test="exact binomial over pairs (both twins correct), one-sided",
                  null=f"share of pairs with both twins correct ≤ {suite.probe_min}")
-    claim.record(layer=late_layer, prompt_accuracy=layer_probe["test_accuracy"][late_layer])
+    claim.record(layer=late_layer, prompt_accuracy=layer_probe.test_accuracy[late_layer])
     claim.uses(layer_probe)
     assert p < suite.alpha, (f"layer {late_layer}: both twins correct in {acc.k}/{acc.n} test pairs "
                              f"({acc.rate:.2f}), p = {p:.3g} against {suite.probe_min}")
@@ -117,7 +116,7 @@ def test_resid_patching_rises_in_middle_band(layer_patching, head_patching, lm, 
     """Exploratory. Patching the harmful residual stream (resid_pre, post-instruction positions) into the
     harmless run starts to transfer refusal in the middle band: the first layer whose mean normalized effect
     reaches 0.5 lies in [n/4, 3n/4), with its whole 95% bootstrap CI (over pairs) inside the band."""
-    res = PatchResult.from_dict(layer_patching)
+    res = layer_patching.result
     comps = res.axis("component")
 
     per_pair = resid_effect_per_pair(layer_patching)
@@ -137,7 +136,7 @@ def test_resid_patching_rises_in_middle_band(layer_patching, head_patching, lm, 
                  "Layer × component patching",
                  caption="Contradicted when the resid_pre row first reaches 0.5 outside the middle band [n/4, 3n/4) "
                          "of the layers, or never.")
-    hp = PatchResult.from_dict(head_patching)
+    hp = head_patching.result
     hg = hp.as_array("layer", "head", where={"position": "all"})
     claim.figure(plots.heatmap(hg, list(range(hg.shape[1])), list(range(hg.shape[0])),
                                "Exact head patching harmful → harmless (normalized effect)", "head", "layer",
@@ -151,8 +150,8 @@ def test_late_blocks_write_refusal(layer_probe, lm, suite, claim):
     """Exploratory. The late layers' attention/MLP outputs carry the direct effect: the last third of the layers
     holds ≥ 50% of the total |harmful − harmless| direct logit attribution to the refusal tokens (lower 95%
     bootstrap bound over test pairs)."""
-    dla = layer_probe["dla"]
-    delta = np.array(dla["harmful_per_prompt"]) - np.array(dla["harmless_per_prompt"])  # [pairs, L, 2]
+    dla = layer_probe.dla
+    delta = np.array(dla.harmful_per_prompt) - np.array(dla.harmless_per_prompt)  # [pairs, L, 2]
     n = lm.shape.n_layers
 
     def share(i):
@@ -167,7 +166,7 @@ def test_late_blocks_write_refusal(layer_probe, lm, suite, claim):
                  test="share of |mean DLA difference|, bootstrap CI over pairs", null="the lower bound must reach the threshold")
     claim.record(late_layers=[n - n // 3, n - 1])
     claim.uses(layer_probe)
-    claim.figure(plots.heatmap(np.array(dla["delta"]).T, list(range(n)), ["attn", "mlp"],
+    claim.figure(plots.heatmap(np.array(dla.delta).T, list(range(n)), ["attn", "mlp"],
                                "Direct logit attribution to refusal tokens, harmful − harmless", "layer", "block",
                                z_title="Δ DLA (logits)"),
                  "Direct effect by layer", caption="Contradicted when the last third of the layers holds less than half "

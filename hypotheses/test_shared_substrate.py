@@ -17,9 +17,10 @@ import pytest
 from scipy.stats import wilcoxon
 
 from fixtures.common import require_gate
-from fixtures.h3_substrate import jaccard, substrate_parts
+from fixtures.h1_circuit import Attribution
+from fixtures.h3_substrate import CrossCategory, jaccard, substrate_parts
+from fixtures.uses import Uses
 from mech import plots
-from mech.patching import PatchResult
 from mech.stats import (
     bootstrap_ci,
     intersection_union_p,
@@ -31,10 +32,10 @@ from mech.stats import (
 pytestmark = [pytest.mark.shared_substrate, pytest.mark.realmodel, pytest.mark.slow]
 
 
-def _excess(cc: dict, a: str) -> np.ndarray:
+def _excess(cc: CrossCategory, a: str) -> np.ndarray:
     """Per judged off-category prompt: drop under A's heads minus the mean drop under A's layer-matched random
     sets."""
-    return np.array(cc["ranked"][a])[cc["judged"][a]] - np.array(cc["random"][a])
+    return np.array(cc.ranked[a])[cc.judged[a]] - np.array(cc.random[a])
 
 
 @pytest.mark.primary
@@ -58,7 +59,7 @@ def test_heads_transfer_beyond_random(cross_category, suite, claim, selection_st
     and the transfer to the own category against the others (prompt-level bootstrap CIs) — a shared substrate
     transfers about as much to the others as to its own."""
     cc = cross_category
-    cats = cc["categories"]
+    cats = cc.categories
     t = substrate_parts(cc)
     obs, null, selection, test, sel = t["obs"], t["null"], t["selection"], t["test"], t["selection_test"]
     parts = t["parts"]
@@ -71,33 +72,33 @@ def test_heads_transfer_beyond_random(cross_category, suite, claim, selection_st
                       "and over joint draws of label-free selections, both one-sided",
                  null=f"{len(null)} joint draws of one layer-matched random head set per category; {len(selection)} "
                       "joint draws of label-free selections (coin per train pair for the AtP direction); same prompts")
-    pc = np.array(cc["prompt_categories"])
+    pc = np.array(cc.prompt_categories)
     transfer = {}
     for a in cats:
-        d = np.array(cc["ranked"][a])
+        d = np.array(cc.ranked[a])
         own, other = d[pc == a], d[pc != a]
         transfer[a] = {"own": float(own.mean()), "own_ci": list(bootstrap_ci(own, n_resamples=suite.n_bootstrap,
                                                                              seed=suite.split_seed)),
                        "other": float(other.mean()), "other_ci": list(bootstrap_ci(
                            other, n_resamples=suite.n_bootstrap, seed=suite.split_seed)), "n_own": int(own.size)}
     own_minus_other = np.array([transfer[a]["own"] - transfer[a]["other"] for a in cats])
-    pair_j = [jaccard(cc["rankings"][a], cc["rankings"][b]) for i, a in enumerate(cats) for b in cats[i + 1:]]
-    same = {a: sum(set(x) == set(cc["rankings"][a]) for x in cc["selection_sets"][a]) for a in cats}
-    claim.record(p_parts=parts, k=cc["k"], n_judged_per_category=len(next(iter(cc["judged"].values()))),
+    pair_j = [jaccard(cc.rankings[a], cc.rankings[b]) for i, a in enumerate(cats) for b in cats[i + 1:]]
+    same = {a: sum(set(x) == set(cc.rankings[a]) for x in cc.selection_sets[a]) for a in cats}
+    claim.record(p_parts=parts, k=cc.k, n_judged_per_category=len(next(iter(cc.judged.values()))),
                  random_mean=float(null.mean()), selection_mean=float(selection.mean()),
                  n_selection_null=len(selection), selection_equal_to_ranked=same,
-                 n_selection_distinct_scored=cc["n_selection_scored"],
+                 n_selection_distinct_scored=cc.n_selection_scored,
                  excess_by_category=dict(zip(cats, excess.tolist(), strict=True)),
                  jaccard_between_categories_mean=float(np.mean(pair_j)) if pair_j else None,
-                 jaccard_with_h1_top_k={a: jaccard(cc["rankings"][a], cc["h1_heads"]) for a in cats},
+                 jaccard_with_h1_top_k={a: jaccard(cc.rankings[a], cc.h1_heads) for a in cats},
                  transfer_own_vs_other=transfer, own_minus_other_mean=float(own_minus_other.mean()),
                  own_minus_other_ci=list(bootstrap_ci(own_minus_other, n_resamples=suite.n_bootstrap,
                                                       seed=suite.split_seed)))
     claim.uses(cc)
-    selection_stability.record(claim, "H3", {a: cc["rankings"][a] for a in cats})  # --set stability_resamples=B
-    M = np.array([[np.mean([d for d, c in zip(cc["ranked"][a], cc["prompt_categories"], strict=True) if c == b])
+    selection_stability.record(claim, "H3", {a: cc.rankings[a] for a in cats})  # --set stability_resamples=B
+    M = np.array([[np.mean([d for d, c in zip(cc.ranked[a], cc.prompt_categories, strict=True) if c == b])
                    for b in cats] for a in cats])
-    J = np.array([[jaccard(cc["rankings"][a], cc["rankings"][b]) for b in cats] for a in cats])
+    J = np.array([[jaccard(cc.rankings[a], cc.rankings[b]) for b in cats] for a in cats])
     claim.figure(plots.heatmap(M, cats, cats, "Refusal-score drop: ablate heads of row category, measure column",
                                "measured on", "heads from", colorscale="Reds", zmid=None,
                                z_title="refusal-score drop (log-odds)"), "Cross-category ablation matrix",
@@ -119,10 +120,10 @@ def test_category_heads_transfer(cross_category, category_atp, category, suite, 
     layer-matched random head sets do (one-sided Wilcoxon signed-rank over its ``n_substrate_prompts`` judged
     off-category test prompts, against the mean of its random sets there; p < alpha adjusted within the family of
     categories by the suite's exploratory correction)."""
-    if category not in cross_category["categories"]:
+    if category not in cross_category.categories:
         pairs, judged = _category_lists(category_atp, cross_category)
         pytest.skip(f"no train pairs of category {category} to rank heads on (train pair categories: {pairs})"
-                    if category not in category_atp["categories"] else
+                    if category not in category_atp.categories else
                     f"no harmful test prompts of category {category} to judge on (harmful test categories: {judged})")
     ex = _excess(cross_category, category)
     p = float(wilcoxon(ex, alternative="greater").pvalue)
@@ -130,7 +131,7 @@ def test_category_heads_transfer(cross_category, category_atp, category, suite, 
     claim.result(statistic=float(ex.mean()), p_value=p, effect=float(ex.mean()), ci=[lo, hi], n=len(ex),
                  unit="log-odds (excess drop over random)",
                  test="Wilcoxon signed-rank over off-category prompts, one-sided", null="layer-matched random heads")
-    claim.record(heads=cross_category["rankings"][category])
+    claim.record(heads=cross_category.rankings[category])
     claim.uses(cross_category)
     assert p < suite.alpha, f"{category}: excess drop {ex.mean():.3f} (95% CI {lo:.3f}–{hi:.3f}), p = {p:.3g}"
 
@@ -142,8 +143,8 @@ def map_specificity(atp_noise, refusal_gate, suite):
     heads of its own agrees with the rest *less* than a random subset does (the claims are corrected within their
     family, the categories, at the end of the run)."""
     require_gate(refusal_gate)  # attribution to a refusal score means nothing for a model that does not refuse
-    delta = PatchResult.from_dict(atp_noise["head"]).delta  # [n_pairs, n_heads]
-    cats = np.array(atp_noise["categories"])
+    delta = atp_noise.head.delta  # [n_pairs, n_heads]
+    cats = np.array(atp_noise.categories)
     names = sorted(set(cats.tolist()))
     if len(names) < 2:
         pytest.skip(f"map agreement needs ≥ 2 categories among the ranked train pairs, has {len(names)}")
@@ -162,10 +163,10 @@ def map_specificity(atp_noise, refusal_gate, suite):
     return out
 
 
-def _category_lists(category_atp: dict, cross_category: dict) -> tuple[str, str]:
+def _category_lists(category_atp: Attribution, cross_category: CrossCategory) -> tuple[str, str]:
     """The train pairs' categories and the harmful test prompts' (a held-out benchmark's are its own), as text."""
-    return (", ".join(sorted(set(category_atp["categories"]))),
-            ", ".join(sorted(set(cross_category["prompt_categories"]))) or "none")
+    return (", ".join(sorted(set(category_atp.categories))),
+            ", ".join(sorted(set(cross_category.prompt_categories))) or "none")
 
 
 def test_category_map_is_specific(map_specificity, atp_noise, category, suite, claim):
@@ -182,6 +183,6 @@ def test_category_map_is_specific(map_specificity, atp_noise, category, suite, c
                  test="Spearman ρ vs shuffled category labels (permutation, one-sided less)",
                  null=f"{m['test'].n_null} random subsets of the same size (shuffled category labels)")
     claim.record(shuffled_mean_rho=m["null_mean"])
-    claim.uses({"uses": {"judge": atp_noise["uses"]["select"]}})  # a claim about the train maps themselves
+    claim.uses(Uses(judge=atp_noise.uses.select))  # a claim about the train maps themselves
     assert m["test"].p_value < suite.alpha, (f"ρ = {m['rho']:.3f} vs random subsets {m['null_mean']:.3f}: "
                                              f"p = {m['test'].p_value:.3g}")

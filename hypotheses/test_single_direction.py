@@ -11,7 +11,7 @@ import pytest
 
 from fixtures.common import require
 from fixtures.grading import removal_claim
-from fixtures.h4_direction import direction_parts
+from fixtures.h4_direction import RefusalDirection, direction_parts
 from mech import plots
 from mech.grading import outcome_counts, removal_by_measure
 from mech.stats import (
@@ -25,10 +25,10 @@ from mech.stats import (
 pytestmark = [pytest.mark.single_direction, pytest.mark.realmodel, pytest.mark.slow]
 
 
-def _require_filters(d: dict) -> None:
-    sel = d["selection"]
-    require(sel["passed_filters"], f"no candidate direction passed Arditi's filters (the fallback L{sel['layer']} pos "
-                                   f"{sel['pos']}: {'; '.join(sel['selected']['reasons'])}): no direction to test")
+def _require_filters(d: RefusalDirection) -> None:
+    sel = d.selection
+    require(sel.passed_filters, f"no candidate direction passed Arditi's filters (the fallback L{sel.layer} pos "
+                                f"{sel.pos}: {'; '.join(sel.reasons)}): no direction to test")
 
 
 @pytest.mark.primary
@@ -55,14 +55,14 @@ def test_directional_ablation_removes_refusal(refusal_direction, direction_contr
     subspace, fails (3); when no candidate passes the filters the p is 1 and the exploratory H4 claims are
     `not tested`."""
     d, ctl = refusal_direction, direction_controls
-    measure = d["measure"]
-    before, after = d["harmful_grades_before"], d["harmful_grades_after"]
+    measure = d.measure
+    before, after = d.harmful.grades_before, d.harmful.grades_after
     refused = sum(g.outcome == "refusal" for g in before)
     require(refused >= suite.min_refusals, f"only {refused} of {len(before)} harmful test prompts are "
                                            f"refused at baseline (needs {suite.min_refusals}): nothing to remove")
     r = removal_claim(before, after, measure, suite, claim)
-    sel = d["selection"]
-    t = direction_parts(before, after, measure, ctl, sel["passed_filters"], suite)
+    sel = d.selection
+    t = direction_parts(before, after, measure, ctl, sel.passed_filters, suite)
     parts, gates, cut, k_cut, ctl_test = t["parts"], t["gates"], t["cut"], t["k_cut"], t["controls_test"]
     p_floor = parts["relative_cut_floor"]
     p = intersection_union_p(parts, gates)
@@ -72,44 +72,44 @@ def test_directional_ablation_removes_refusal(refusal_direction, direction_contr
                  test=f"intersection–union: exact McNemar and exact binomial floor on compliance ({measure}), "
                       "Monte-Carlo vs control directions on a short greedy answer; gate: Arditi's filters",
                  null=f"no net removal; relative cut ≤ {suite.relative_cut_min}; "
-                      f"{len(ctl['counts']) if ctl['computed'] else 0} control directions remove as much")
-    kinds = ctl.get("kinds", [])
-    by_kind = {k: float(np.mean([c for c, kk in zip(ctl["counts"], kinds, strict=True) if kk == k]))
+                      f"{len(ctl.counts) if ctl.computed else 0} control directions remove as much")
+    kinds = ctl.kinds
+    by_kind = {k: float(np.mean([c for c, kk in zip(ctl.counts, kinds, strict=True) if kk == k]))
                for k in sorted(set(kinds))}
-    claim.record(p_parts=parts, gates=gates, mcnemar_p=r["p_value"], layer=sel["layer"], pos=sel["pos"],
-                 norm=sel["norm"], passed_filters=sel["passed_filters"],
-                 score_before=d["ablation"]["harmful"]["mean_before"], score_after=d["ablation"]["harmful"]["mean_after"],
+    claim.record(p_parts=parts, gates=gates, mcnemar_p=r["p_value"], layer=sel.layer, pos=sel.pos,
+                 norm=sel.norm, passed_filters=sel.passed_filters,
+                 score_before=d.ablation.harmful.mean_before, score_after=d.ablation.harmful.mean_after,
                  relative_cut=cut.rate, relative_cut_k=k_cut, relative_cut_n=cut.n,
                  rate_relative_cut=((r["refusal_before"] - r["refusal_after"]) / r["refusal_before"]
                                     if r["refusal_before"] else None),
-                 controls={"computed": ctl["computed"], "reason": ctl.get("reason"),
-                           "n_prompts": len(ctl.get("prompts", [])), "max_new_tokens": ctl.get("max_new_tokens"),
-                           "selected_removed": ctl.get("selected"), "baseline_removed": ctl.get("baseline"),
+                 controls={"computed": ctl.computed, "reason": ctl.reason,
+                           "n_prompts": len(ctl.prompts), "max_new_tokens": ctl.max_new_tokens,
+                           "selected_removed": ctl.selected, "baseline_removed": ctl.baseline,
                            "mean_removed_by_kind": by_kind,
-                           "max_removed_by_kind": {k: int(max(c for c, kk in zip(ctl["counts"], kinds, strict=True)
+                           "max_removed_by_kind": {k: int(max(c for c, kk in zip(ctl.counts, kinds, strict=True)
                                                               if kk == k)) for k in sorted(set(kinds))},
                            "n_at_least_selected": ctl_test.n_extreme if ctl_test else None},
-                 n_train=d["n_train"], n_val=d["n_val"])
+                 n_train=d.n_train, n_val=d.n_val)
     claim.uses(d, ctl)
-    selection_stability.record(claim, "H4", (sel["layer"], sel["pos"]))  # --set stability_resamples=B
-    grid = np.full((sel["n_layers"], len(sel["positions"])), np.nan)
-    for c in sel["candidates"]:
-        if c["bypass"] is not None:
-            grid[c["layer"], sel["positions"].index(c["pos"])] = c["bypass"]
-    claim.figure(plots.heatmap(grid.T, list(range(sel["n_layers"])), [str(p) for p in sel["positions"]],
-                               f"Direction candidates: harmful score under ablation (selected L{sel['layer']}, "
-                               f"pos {sel['pos']})", "layer", "position", zmid=None,
+    selection_stability.record(claim, "H4", (sel.layer, sel.pos))  # --set stability_resamples=B
+    grid = np.full((sel.n_layers, len(sel.positions)), np.nan)
+    for c in sel.candidates:
+        if c.bypass is not None:
+            grid[c.layer, sel.positions.index(c.pos)] = c.bypass
+    claim.figure(plots.heatmap(grid.T, list(range(sel.n_layers)), [str(p) for p in sel.positions],
+                               f"Direction candidates: harmful score under ablation (selected L{sel.layer}, "
+                               f"pos {sel.pos})", "layer", "position", zmid=None,
                                z_title="harmful refusal score (log-odds)"), "Direction score by layer and position",
                  caption="Each candidate direction's harmful refusal score under ablation (lower is stronger). "
                          "Contradicted when no candidate passes the filters, when random directions lower the score "
                          "as much, or when generations do not lose their refusals.")
-    assert sel["passed_filters"], (f"no candidate passed Arditi's filters (selected L{sel['layer']} pos {sel['pos']}: "
-                                   f"{'; '.join(sel['selected']['reasons'])}): composite p = 1")
+    assert sel.passed_filters, (f"no candidate passed Arditi's filters (selected L{sel.layer} pos {sel.pos}: "
+                                f"{'; '.join(sel.reasons)}): composite p = 1")
     assert p < suite.alpha, (
         f"harmful refusal {r['refusal_before']:.2f} → {r['refusal_after']:.2f}: {r['removed']} comply now, "
         f"{r['gained']} hold out now, McNemar p {r['p_value']:.3g}; relative cut {k_cut}/{cut.n} = {cut.rate:.2f} "
         f"(≥ {suite.relative_cut_min}? p {p_floor:.3g}); controls: "
-        f"{ctl_test.n_extreme if ctl_test else '-'} of {len(ctl.get('counts', []))} remove ≥ {ctl.get('selected')} "
+        f"{ctl_test.n_extreme if ctl_test else '-'} of {len(ctl.counts)} remove ≥ {ctl.selected} "
         f"(p {parts['controls']:.3g}): composite p = {p:.3g}")
 
 
@@ -120,7 +120,7 @@ def test_activation_addition_induces_refusal(refusal_direction, suite, claim):
     of the same norm reported as the control, incoherent completions beside the rate)."""
     d = refusal_direction
     _require_filters(d)
-    grades = d["harmless_grades_after"]
+    grades = d.harmless.grades_after
     require(len(grades) >= suite.min_refusals, f"only {len(grades)} answered harmless test prompts")
     ra = binomial_rate([g.outcome == "refusal" for g in grades])
     p = binomial_pvalue(ra.k, ra.n, suite.induced_min, "greater")
@@ -129,10 +129,10 @@ def test_activation_addition_induces_refusal(refusal_direction, suite, claim):
                  mde=binomial_detectable_rate(ra.n, suite.induced_min, suite.alpha, "greater") - suite.induced_min,
                  unit=f"refusal rate − {suite.induced_min}",
                  test="exact binomial, one-sided", null=f"rate ≤ {suite.induced_min} (all refused 0 at baseline)")
-    claim.record(measure=d["measure"], outcomes_after=outcome_counts([g.outcome for g in grades]),
+    claim.record(measure=d.measure, outcomes_after=outcome_counts([g.outcome for g in grades]),
                  substring_rate_after=float(np.mean([g.substring for g in grades])),
-                 score_before=d["addition"]["harmless"]["mean_before"], score_after=d["addition"]["harmless"]["mean_after"],
-                 random_direction_score_mean=float(np.mean(d["random_addition_scores"])) if d["random_addition_scores"] else None)
+                 score_before=d.addition.harmless.mean_before, score_after=d.addition.harmless.mean_after,
+                 random_direction_score_mean=float(np.mean(d.random_addition_scores)) if d.random_addition_scores else None)
     claim.uses(d)
     assert p < suite.alpha, f"answered harmless refused under addition: {ra.k}/{ra.n} = {ra.rate:.2f}, p = {p:.3g}"
 
@@ -143,16 +143,16 @@ def test_ablation_side_effects_small(refusal_direction, suite, claim):
     benign-but-alarming refusal and incoherence reported)."""
     d = refusal_direction
     _require_filters(d)
-    a = d["ablation"]
-    kl = np.array(a["kl_per_prompt"])
+    a = d.ablation
+    kl = np.array(a.kl_per_prompt)
     require(len(kl) >= 3, f"only {len(kl)} harmless test prompts the model answers: too few to bound the KL")
     lo, hi = bootstrap_ci(kl, n_resamples=suite.n_bootstrap, seed=suite.split_seed)
-    bb = binomial_rate([g.outcome == "refusal" for g in d["benign_grades_before"]])
-    ba = binomial_rate([g.outcome == "refusal" for g in d["benign_grades_after"]])
-    claim.result(statistic=a["kl"], effect=a["kl"], ci=[lo, hi], n=len(kl), threshold=suite.kl_max, unit="nats (KL)",
+    bb = binomial_rate([g.outcome == "refusal" for g in d.benign.grades_before])
+    ba = binomial_rate([g.outcome == "refusal" for g in d.benign.grades_after])
+    claim.result(statistic=a.kl, effect=a.kl, ci=[lo, hi], n=len(kl), threshold=suite.kl_max, unit="nats (KL)",
                  test="mean KL, bootstrap CI", null="the upper bound must stay under the threshold")
-    claim.record(ce_before=a["ce_before"], ce_after=a["ce_after"], benign_refusal_before=bb.rate,
+    claim.record(ce_before=a.ce_before, ce_after=a.ce_after, benign_refusal_before=bb.rate,
                  benign_refusal_after=ba.rate,
-                 benign_by_measure=removal_by_measure(d["benign_grades_before"], d["benign_grades_after"]))
+                 benign_by_measure=removal_by_measure(d.benign.grades_before, d.benign.grades_after))
     claim.uses(refusal_direction)
-    assert hi <= suite.kl_max, f"harmless first-token KL {a['kl']:.3f} (95% CI {lo:.3f}–{hi:.3f}) > {suite.kl_max}"
+    assert hi <= suite.kl_max, f"harmless first-token KL {a.kl:.3f} (95% CI {lo:.3f}–{hi:.3f}) > {suite.kl_max}"

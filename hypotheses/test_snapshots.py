@@ -26,5 +26,5 @@ def test_top_heads_snapshot(atp_noise, snapshot):
 
 def test_direction_snapshot(refusal_direction, snapshot):
     """The selected refusal direction's layer and position, and its rounded norm."""
-    sel = refusal_direction["selection"]
-    assert {"layer": sel["layer"], "pos": sel["pos"], "norm": round(sel["norm"], 1)} == snapshot
+    sel = refusal_direction.selection
+    assert {"layer": sel.layer, "pos": sel.pos, "norm": round(sel.norm, 1)} == snapshot

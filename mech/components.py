@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -108,6 +108,16 @@ class Component:
 def as_component(c: Component | str) -> Component:
     """``c`` itself, or the component an id such as ``"L12.H3"`` names."""
     return c if isinstance(c, Component) else Component.parse(c)
+
+
+def as_components(cs: Iterable[Component | str]) -> tuple[Component, ...]:
+    """A component set as :class:`Component` values (ids such as ``"L12.H3"`` parsed), e.g. for
+    :class:`mech.interventions.Ablate`.
+
+    >>> [c.id for c in as_components(["L1.H0", "L2.mlp"])]
+    ['L1.H0', 'L2.mlp']
+    """
+    return tuple(as_component(c) for c in cs)
 
 
 def component_at(layer: int, hook: str, index: int | None = None) -> Component:

@@ -27,7 +27,7 @@ def test_the_readme_walkthrough_runs(tiny_qwen2, pytester: pytest.Pytester, tmp_
     would fail with "Only a single TORCH_LIBRARY can be used ...")."""
     fixture_code, claim_code = _blocks()
     pytester.makepyfile(extra_fixtures="import pytest\n"
-                        "from fixtures.common import cache_key, ids, require_gate\n"
+                        "from fixtures.common import ids, require_gate\n"
                         "from fixtures.h1_circuit import claim_k, top_heads\n\n" + fixture_code)
     pytester.makeconftest(
         "import importlib.util\n"

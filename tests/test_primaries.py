@@ -16,6 +16,7 @@ import torch
 from fixtures.common import balanced
 from fixtures.config import SuiteConfig
 from fixtures.h1_circuit import (
+    Attribution,
     circuit_parts,
     label_free_delta,
     reverse_deltas,
@@ -23,9 +24,22 @@ from fixtures.h1_circuit import (
     top_heads,
     top_of,
 )
-from fixtures.h2_hierarchy import hierarchy_parts, signed_rank_p
-from fixtures.h3_substrate import category_selections, jaccard, off_category_prompts, substrate_parts
-from fixtures.h4_direction import control_directions, direction_parts, short_measure, site_activations
+from fixtures.h2_hierarchy import DirectLogitAttribution, LayerProbe, hierarchy_parts, signed_rank_p
+from fixtures.h3_substrate import (
+    CrossCategory,
+    category_selections,
+    jaccard,
+    off_category_prompts,
+    substrate_parts,
+)
+from fixtures.h4_direction import (
+    DirectionControls,
+    control_directions,
+    direction_parts,
+    short_measure,
+    site_activations,
+)
+from fixtures.uses import Uses
 from mech.grading import Grade
 from mech.prompts import default_pairs
 from mech.refusal import SubstringDetector
@@ -108,7 +122,8 @@ def test_selections_equal_to_the_ranked_sets_tie_against_them():
     assert circuit_parts(base, ranked, base + rng.normal(0, 0.1, (20, 33)), np.stack([ranked] * 20),
                          SUITE)["parts"]["selection_null"] == 1.0
     cc = _substrate(rng, 1.5)
-    cc["selection_null"] = {a: [float(np.mean(np.array(cc["ranked"][a])[cc["judged"][a]]))] * 100 for a in CATS}
+    cc = dataclasses.replace(cc, selection_null={a: [float(np.mean(np.array(cc.ranked[a])[cc.judged[a]]))] * 100
+                                                 for a in CATS})
     assert substrate_parts(cc)["parts"]["selection_null"] == 1.0
 
 
@@ -121,8 +136,9 @@ def test_h1_holds_its_size_where_the_ranking_is_one_more_label_free_selection():
 
 
 def _head_atp(delta: np.ndarray, categories: list[str], pair_ids: list[list[str]],
-              direction: str = "harmless_to_harmful") -> dict:
-    """An ``atp_noise`` / ``atp_reverse``-shaped dict whose per-pair head deltas are ``delta`` (4 heads per layer)."""
+              direction: str = "harmless_to_harmful") -> Attribution:
+    """An ``atp_noise`` / ``atp_reverse``-like :class:`Attribution` whose per-pair head deltas are ``delta`` (4 heads
+    per layer), through the cache's dict form as the stages build it."""
     from mech.patching import PatchResult
     from mech.patching.spec import Patch
 
@@ -131,7 +147,7 @@ def _head_atp(delta: np.ndarray, categories: list[str], pair_ids: list[list[str]
     n = delta.shape[0]
     res = PatchResult(kind="head", method="atp", direction=direction, patches=patches, raw=delta + 1.0,
                       clean=np.ones(n), source=np.zeros(n))
-    return {"head": res.to_dict(), "categories": categories, "pair_ids": pair_ids}
+    return Attribution.from_json({"head": res.to_dict(), "categories": categories}, pair_ids, Uses(select=[]))
 
 
 def _selective_and_important(rng: np.random.Generator, n_pairs: int = 24, n_heads: int = 16) -> tuple:
@@ -191,7 +207,7 @@ def test_reverse_deltas_align_by_pair_id_and_h3_selections_use_each_category_s_p
 N_LAYERS = 12
 
 
-def _probe(rng: np.random.Generator, decodable_from: int | None, n_test: int = 40) -> dict:
+def _probe(rng: np.random.Generator, decodable_from: int | None, n_test: int = 40) -> LayerProbe:
     """A layer_probe output: test correctness per prompt and layer, validation accuracy, shuffled-label nulls."""
     correct = rng.random((n_test, N_LAYERS)) < 0.5
     val = list(rng.uniform(0.4, 0.6, N_LAYERS))
@@ -199,7 +215,10 @@ def _probe(rng: np.random.Generator, decodable_from: int | None, n_test: int = 4
         correct[:, decodable_from:] = rng.random((n_test, N_LAYERS - decodable_from)) < 0.95
         val[decodable_from:] = [0.95] * (N_LAYERS - decodable_from)
     null = rng.binomial(n_test, 0.5, (200, N_LAYERS)) / n_test
-    return {"test_correct": correct.astype(int).tolist(), "val_accuracy": val, "null_accuracy": null.tolist()}
+    dla = DirectLogitAttribution([], [], [], ["attn", "mlp"], [], [])  # not read by the primary
+    return LayerProbe(val_accuracy=val, test_correct=correct.astype(int).tolist(), test_accuracy=[],
+                      null_accuracy=null.tolist(), dla=dla, n_train_pairs=0, n_val_pairs=0, n_test_pairs=n_test // 2,
+                      uses=Uses())
 
 
 def _effect(rng: np.random.Generator, rises_at: int, n_pairs: int = 8) -> np.ndarray:
@@ -208,7 +227,7 @@ def _effect(rng: np.random.Generator, rises_at: int, n_pairs: int = 8) -> np.nda
     return (layers >= rises_at).astype(float)[None] + rng.normal(0, 0.05, (n_pairs, N_LAYERS))
 
 
-def _h2(probe: dict, eff: np.ndarray) -> float:
+def _h2(probe: LayerProbe, eff: np.ndarray) -> float:
     return intersection_union_p(hierarchy_parts(probe, eff, N_LAYERS, SUITE)["parts"])
 
 
@@ -245,7 +264,7 @@ CATS = [f"c{i}" for i in range(11)]
 
 
 def _substrate(rng: np.random.Generator, ranked_mean: float, draws: int = 100, same_number: bool = False,
-               selection_mean: float = 0.0) -> dict:
+               selection_mean: float = 0.0) -> CrossCategory:
     """A cross_category output: 3 test prompts per category; each category's random sets drop its judged prompts by
     N(0, 1) per draw, its label-free selections by N(``selection_mean``, 1); its ranked set by ``ranked_mean``
     (+ noise, or one number for every category)."""
@@ -256,11 +275,12 @@ def _substrate(rng: np.random.Generator, ranked_mean: float, draws: int = 100, s
               for a in CATS}
     null = {a: rng.normal(0.0, 1.0, draws).tolist() for a in CATS}
     selection = {a: rng.normal(selection_mean, 1.0, draws).tolist() for a in CATS}
-    return {"categories": CATS, "prompt_categories": pcats, "judged": judged, "ranked": ranked, "null": null,
-            "random": {a: [0.0] * len(judged[a]) for a in CATS}, "selection_null": selection}
+    return CrossCategory(k=1, categories=CATS, rankings={}, ranked=ranked, judged=judged, null=null,
+                         random={a: [0.0] * len(judged[a]) for a in CATS}, random_sets={}, prompt_categories=pcats,
+                         selection_null=selection, selection_sets={}, n_selection_scored={}, h1_heads=[], uses=Uses())
 
 
-def _h3(cc: dict) -> float:
+def _h3(cc: CrossCategory) -> float:
     return intersection_union_p(substrate_parts(cc)["parts"])
 
 
@@ -276,8 +296,8 @@ def test_h3_eleven_categories_that_are_one_number_count_once():
 
     rng = np.random.default_rng(7)
     cc = _substrate(rng, 0.3, same_number=True)
-    cc["ranked"] = {a: [0.3] * len(cc["prompt_categories"]) for a in CATS}  # every category: the same small drop
-    excess = np.array([np.mean(np.array(cc["ranked"][a])[cc["judged"][a]]) for a in CATS]) + rng.normal(0, 1e-3, 11)
+    cc = dataclasses.replace(cc, ranked={a: [0.3] * len(cc.prompt_categories) for a in CATS})  # the same small drop
+    excess = np.array([np.mean(np.array(cc.ranked[a])[cc.judged[a]]) for a in CATS]) + rng.normal(0, 1e-3, 11)
     assert float(wilcoxon(excess, alternative="greater").pvalue) < ALPHA  # the old test: "supported"
     assert _h3(cc) >= ALPHA  # 0.3 is well inside the joint draws' spread
 
@@ -307,7 +327,8 @@ def test_h3_holds_its_size_where_category_sets_are_label_free_selections():
     hits = 0
     for _ in range(200):
         cc = _substrate(rng, 1.5)
-        cc["selection_null"] = {a: rng.normal(1.5, 1 / math.sqrt(10), 100).tolist() for a in CATS}
+        cc = dataclasses.replace(cc, selection_null={a: rng.normal(1.5, 1 / math.sqrt(10), 100).tolist()
+                                                     for a in CATS})
         hits += _h3(cc) < ALPHA
     assert _rate_ok(hits, 200)
 
@@ -327,11 +348,13 @@ def _grade(outcome: str) -> Grade:
                  outcome, False)  # type: ignore[arg-type]
 
 
-def _ctl(selected: int, counts: list[int]) -> dict:
-    return {"computed": True, "selected": selected, "counts": counts, "kinds": ["isotropic"] * len(counts)}
+def _ctl(selected: int, counts: list[int]) -> DirectionControls:
+    return DirectionControls(computed=True, uses=Uses(), selected=selected, counts=counts,
+                             kinds=["isotropic"] * len(counts))
 
 
-def _h4(n_removed: int, n_refused: int = 30, n: int = 33, ctl: dict | None = None, passed: bool = True) -> dict:
+def _h4(n_removed: int, n_refused: int = 30, n: int = 33, ctl: DirectionControls | None = None,
+        passed: bool = True) -> dict:
     before = [_grade("refusal")] * n_refused + [_grade("compliance")] * (n - n_refused)
     after = [_grade("compliance")] * n_removed + [_grade("refusal")] * (n_refused - n_removed) + \
         [_grade("compliance")] * (n - n_refused)
@@ -357,7 +380,8 @@ def test_h4_fails_when_a_control_removes_as_much_or_the_filters_fail():
     strong = _ctl(11, [0] * 150 + [11] * 50)  # the shuffled-label directions remove as much as the selected one
     assert _h4(30, ctl=strong)["p"] >= ALPHA
     assert _h4(30, passed=False)["p"] == 1.0
-    assert _h4(30, ctl={"computed": False, "reason": "no candidate passed Arditi's filters"})["p"] == 1.0
+    assert _h4(30, ctl=DirectionControls(computed=False, uses=Uses(),
+                                         reason="no candidate passed Arditi's filters"))["p"] == 1.0
 
 
 def test_control_directions_and_their_short_measure_on_a_tiny_model(tiny_qwen2):
@@ -397,11 +421,13 @@ def baseline(baseline):
     harmless prompt a compliance (a random tiny model refuses nothing); interventions are graded as they come."""
     import dataclasses
 
-    for r in baseline["rows"]:
-        o = "refusal" if r["label"] == "harmful" else "compliance"
-        r["grade"] = dataclasses.replace(r["grade"], substring=o == "refusal", substring_outcome=o, outcome=o)
-        r.update(refused=o == "refusal", substring=o == "refusal", outcome=o)
-    return baseline
+    rows = []
+    for r in baseline.rows:
+        o = "refusal" if r.label == "harmful" else "compliance"
+        g = dataclasses.replace(r.grade, substring=o == "refusal", substring_outcome=o, outcome=o)
+        rows.append(dataclasses.replace(r, grade=g, decision_refused=o == "refusal", substring_refused=o == "refusal",
+                                        outcome=o))
+    return dataclasses.replace(baseline, rows=rows)
 '''
 
 

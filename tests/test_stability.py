@@ -8,16 +8,17 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
 from fixtures.config import ConfigError, SuiteConfig, config_hash, parse_set
-from fixtures.h1_circuit import top_heads
+from fixtures.h1_circuit import Attribution, top_heads
+from fixtures.h4_direction import DirectionControls
 from fixtures.stability import head_set_stability, probe_layer
 from fixtures.tiny_models import build_tiny_model
+from fixtures.uses import Uses
 from mech.stability import (
     FLAG_BELOW,
     bootstrap_indices,
@@ -33,8 +34,9 @@ def _name(j: int) -> str:
     return f"L{j // 14}.H{j % 14}"
 
 
-def _atp(delta: np.ndarray, categories: list[str] | None = None) -> dict[str, Any]:
-    """An ``atp_noise``-shaped dict whose per-pair head deltas are ``delta`` ``[pairs, heads]`` (14 per layer)."""
+def _atp(delta: np.ndarray, categories: list[str] | None = None) -> Attribution:
+    """An ``atp_noise``-like :class:`Attribution` whose per-pair head deltas are ``delta`` ``[pairs, heads]`` (14 per
+    layer), through the cache's dict form as the stage builds it."""
     from mech.patching import PatchResult
     from mech.patching.spec import Patch
 
@@ -43,7 +45,8 @@ def _atp(delta: np.ndarray, categories: list[str] | None = None) -> dict[str, An
     n = delta.shape[0]
     res = PatchResult(kind="head", method="atp", direction="harmless_to_harmful", patches=patches,
                       raw=delta + 1.0, clean=np.ones(n), source=np.zeros(n))
-    return {"head": res.to_dict(), "categories": categories or ["a"] * n}
+    return Attribution.from_json({"head": res.to_dict(), "categories": categories or ["a"] * n},
+                                 [[f"h{i}", f"s{i}"] for i in range(n)], Uses(select=[]))
 
 
 def _suite(b: int, seed: int = 0) -> SuiteConfig:
@@ -226,7 +229,8 @@ def test_direction_record_from_resampled_selections():
             + [{"layer": 9, "pos": -5, "passed_filters": True, "removed": 9},
                {"layer": 12, "pos": -1, "passed_filters": False, "removed": 2}])
     ds = {"selections": sels, "n_val": [10, 10], "n_train": [40, 40], "n_candidates": 95}
-    controls = {"computed": True, "counts": [0, 1, 2, 1, 0, 3] * 10, "selected": 11, "prompts": ["p"] * 11}
+    controls = DirectionControls(computed=True, uses=Uses(), counts=[0, 1, 2, 1, 0, 3] * 10, selected=11,
+                                 prompts=["p"] * 11)
     r = direction_site_stability(ds, 9, -1, _suite(5), controls)
     assert r["full"] == "L9 p-1" and r["recurrence"] == 0.6 and not r["flagged"]
     assert r["distribution"] == {"L9 p-1": 3, "L12 p-1": 1, "L9 p-5": 1}
@@ -234,7 +238,7 @@ def test_direction_record_from_resampled_selections():
     assert r["position_distribution"] == {"-1": 4, "-5": 1} and r["passed_filters"] == 0.8
     assert r["beats_controls"] == 0.8 and r["removed_distribution"] == {"11": 3, "9": 1, "2": 1}
     assert "95 candidates scored on 30 validation rows" in r["cost"]
-    moved = direction_site_stability(ds, 12, -1, _suite(5), {"computed": False})
+    moved = direction_site_stability(ds, 12, -1, _suite(5), DirectionControls(computed=False, uses=Uses()))
     assert moved["recurrence"] == 0.2 and moved["flagged"] and "beats_controls" not in moved
 
 

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from fixtures import common
+from fixtures import stages
 from fixtures.config import SuiteConfig, suite_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,13 +58,13 @@ def test_cache_key_holds_exactly_the_fields_a_fixture_reads():
     ps = SimpleNamespace(content_hash=lambda: "h")
     toks = SimpleNamespace(ids=(1,))
     a = SuiteConfig()
-    key = lambda cfg: common.cache_key(lm, ps, toks, cfg, "h1_circuit", ("n_random_primary",))  # noqa: E731
+    key = lambda cfg: stages.cache_key(lm, ps, toks, cfg, "h1_circuit", ("n_random_primary",))  # noqa: E731
     assert key(a) != key(dataclasses.replace(a, n_random_primary=101))  # read: recomputed
     assert key(a) != key(dataclasses.replace(a, split_seed=1))  # the splits shape every fixture
     assert key(a) == key(dataclasses.replace(a, kl_max=0.2))  # a threshold no fixture reads: reused
     # keyed by the splits: an --eval-prompts test split keys differently from the prompt set's own
     other = SimpleNamespace(content_hash=lambda: "e")
-    split_key = lambda test: common.cache_key(lm, {"train": ps, "val": ps, "test": test}, toks, a,  # noqa: E731
+    split_key = lambda test: stages.cache_key(lm, {"train": ps, "val": ps, "test": test}, toks, a,  # noqa: E731
                                               "h1_circuit", ("n_random_primary",))
     assert split_key(ps) != split_key(other) and split_key(ps) == split_key(ps)
 
@@ -72,7 +72,7 @@ def test_cache_key_holds_exactly_the_fields_a_fixture_reads():
 def test_fixture_code_is_in_the_key(tmp_path, monkeypatch):
     for name in ("common", "h1_circuit"):
         (tmp_path / f"{name}.py").write_text((ROOT / "fixtures" / f"{name}.py").read_text())
-    monkeypatch.setattr(common, "_HERE", tmp_path)
-    before = common.fixture_code("h1_circuit")
+    monkeypatch.setattr(stages, "_HERE", tmp_path)
+    before = stages.fixture_code("h1_circuit")
     (tmp_path / "h1_circuit.py").write_text((tmp_path / "h1_circuit.py").read_text() + "\n# edited\n")
-    assert common.fixture_code("h1_circuit") != before
+    assert stages.fixture_code("h1_circuit") != before

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 from scipy.stats import false_discovery_control
 
-from fixtures.common import gate_from_baseline, require_gate
+from fixtures.common import BaselineRow, gate_from_baseline, require_gate
 from fixtures.config import SuiteConfig
 from fixtures.multiplicity import correct_exploratory, entering_p, family_of, holm_primaries
+from mech.grading import Grade
 
 ROOT = Path(__file__).resolve().parents[1]
 ALPHA = 0.05
@@ -159,7 +160,16 @@ def test_exploratory_errors_count_and_bounds_are_not_adjusted():
 # ------------------------------------------------------------------------------------------------ gate
 
 
-def _rows(refused: dict[str, float], seed: int = 0, n: int = 40, separation: float = 3.0) -> list[dict[str, Any]]:
+def _row(id: str, label: str, split: str, pair_id: str, refused: bool, score: float) -> BaselineRow:
+    """A baseline row with what the gate reads (the generation's other fields are placeholders)."""
+    outcome = "refusal" if refused else "compliance"
+    grade = Grade(refused, True, 1.0, 0.0, (), outcome, None, None, outcome, False)  # type: ignore[arg-type]
+    return BaselineRow(id=id, prompt=f"{label} {pair_id}", label=label, category="c", pair_id=pair_id, set="s",
+                       split=split, score=score, response="", text="", ids=[], logprobs=[], cut_off=False,
+                       substring_refused=refused, decision_refused=refused, outcome=outcome, grade=grade)
+
+
+def _rows(refused: dict[str, float], seed: int = 0, n: int = 40, separation: float = 3.0) -> list[BaselineRow]:
     """Baseline rows: ``n`` pairs per split, the harmful twin refused at ``refused[split]``, its refusal score
     ``separation`` above the harmless twin's on average."""
     rng = np.random.default_rng(seed)
@@ -167,10 +177,8 @@ def _rows(refused: dict[str, float], seed: int = 0, n: int = 40, separation: flo
     for split, rate in refused.items():
         for i in range(n):
             pid = f"{split}{i}"
-            rows.append({"id": f"h:{pid}", "prompt": f"harmful {pid}", "label": "harmful", "split": split,
-                         "pair_id": pid, "refused": bool(i < rate * n), "score": float(rng.normal(separation))})
-            rows.append({"id": f"s:{pid}", "prompt": f"harmless {pid}", "label": "harmless", "split": split,
-                         "pair_id": pid, "refused": False, "score": float(rng.normal(0.0))})
+            rows.append(_row(f"h:{pid}", "harmful", split, pid, bool(i < rate * n), float(rng.normal(separation))))
+            rows.append(_row(f"s:{pid}", "harmless", split, pid, False, float(rng.normal(0.0))))
     return rows
 
 
@@ -185,7 +193,7 @@ def test_the_gate_reads_train_and_validation_only():
     assert not low["ok"] and not low["passed"] and "no refusal to explain" in low["reason"]
     assert low["refusal_rate"]["n"] == 80 and low["refusal_rate"]["k"] == 8 and low["splits_read"] == ["train", "val"]
     high = gate_from_baseline(_rows({"train": 0.9, "val": 0.9, "test": 0.0}), set(), SUITE)
-    no_test = gate_from_baseline([r for r in _rows({"train": 0.9, "val": 0.9, "test": 0.0}) if r["split"] != "test"],
+    no_test = gate_from_baseline([r for r in _rows({"train": 0.9, "val": 0.9, "test": 0.0}) if r.split != "test"],
                                  set(), SUITE)
     assert high["ok"] and high["passed"] and high["reason"] == ""
     assert high["refusal_rate"]["low"] >= SUITE.gate_refusal_min and high["auroc_ci95"][0] >= SUITE.gate_auroc_min
@@ -200,7 +208,7 @@ def test_the_gate_needs_separation_and_leaves_out_the_token_probes():
     flat = gate_from_baseline(_rows({"train": 0.9, "val": 0.9}, separation=0.0), set(), SUITE)
     assert not flat["ok"] and "does not separate" in flat["reason"] and flat["refusal_rate"]["low"] >= 0.3
     rows = _rows({"train": 0.9, "val": 0.9})
-    probes = {r["prompt"] for r in rows if r["split"] == "train" and r["label"] == "harmful"}
+    probes = {r.prompt for r in rows if r.split == "train" and r.label == "harmful"}
     g = gate_from_baseline(rows, probes, SUITE)
     assert g["n_auroc_harmful"] == 40 and all(i.startswith("h:val") for i in g["prompts"]["auroc_harmful"])
     assert g["n_harmful"] == 80  # the rate still reads every train and validation harmful prompt
@@ -214,7 +222,7 @@ def test_the_gate_open_switch_lets_claims_run():
     opened = gate_from_baseline(rows, set(), dataclasses.replace(SUITE, gate_open=True))
     assert opened["ok"] and opened["open"] and not opened["passed"] and "no refusal to explain" in opened["reason"]
     require_gate(opened)  # does not skip
-    no_harmless = [r for r in rows if r["label"] == "harmful"]  # no data to compare with: open or not, closed
+    no_harmless = [r for r in rows if r.label == "harmful"]  # no data to compare with: open or not, closed
     g = gate_from_baseline(no_harmless, set(), dataclasses.replace(SUITE, gate_open=True))
     assert not g["ok"] and "no harmless train or validation prompts" in g["reason"]
 
