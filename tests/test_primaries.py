@@ -140,9 +140,10 @@ def _head_atp(delta: np.ndarray, categories: list[str], pair_ids: list[list[str]
     """An ``atp_noise`` / ``atp_reverse``-like :class:`Attribution` whose per-pair head deltas are ``delta`` (4 heads
     per layer), through the cache's dict form as the stages build it."""
     from mech.patching import PatchResult
-    from mech.patching.spec import Patch
+    from mech.patching.spec import Patch, Site
 
-    patches = [Patch((), {"layer": j // 4, "component": "z", "head": j % 4, "position": "all"})
+    patches = [Patch((Site(j // 4, "z", (-1,), (j % 4,)),), {"layer": j // 4, "component": "z", "head": j % 4,
+                                                             "position": "all"})
                for j in range(delta.shape[1])]
     n = delta.shape[0]
     res = PatchResult(kind="head", method="atp", direction=direction, patches=patches, raw=delta + 1.0,
