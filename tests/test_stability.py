@@ -38,9 +38,10 @@ def _atp(delta: np.ndarray, categories: list[str] | None = None) -> Attribution:
     """An ``atp_noise``-like :class:`Attribution` whose per-pair head deltas are ``delta`` ``[pairs, heads]`` (14 per
     layer), through the cache's dict form as the stage builds it."""
     from mech.patching import PatchResult
-    from mech.patching.spec import Patch
+    from mech.patching.spec import Patch, Site
 
-    patches = [Patch((), {"layer": j // 14, "component": "z", "head": j % 14, "position": "all"})
+    patches = [Patch((Site(j // 14, "z", (-1,), (j % 14,)),), {"layer": j // 14, "component": "z", "head": j % 14,
+                                                               "position": "all"})
                for j in range(delta.shape[1])]
     n = delta.shape[0]
     res = PatchResult(kind="head", method="atp", direction="harmless_to_harmful", patches=patches,
